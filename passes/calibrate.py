@@ -1,0 +1,102 @@
+"""Calibrate: run the float model in onnxruntime and stream a histogram of every planned tensor.
+
+Guarantees after the pass:
+
+* Every value with a planned quantizer (``meta[ACT]``) has ``meta[HIST]``, a fixed-size histogram of the
+  values it took on the calibration data.
+* Memory does not grow with the number of calibration images: the model's intermediate tensors are
+  exposed as extra outputs, one batch is run at a time, and only the histograms are kept.
+* NaN or Inf in any calibrated tensor stops the run with the tensor's name.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CalibratePass", "float_session"]
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ptqc import progress
+from ptqc.annotations import ACT, HIST, MEAN, WEIGHT
+from ptqc.data import Dataset
+from ptqc.errors import PtqcError
+from ptqc.quant import Histogram
+
+logger = logging.getLogger(__name__)
+
+
+def float_session(model: ir.Model, extra_outputs: list[str]) -> ort.InferenceSession:
+    """An onnxruntime session of the IR model with ``extra_outputs`` exposed."""
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise PtqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def run_batch(session: ort.InferenceSession, input_name: str, batch: np.ndarray, names: list[str]) -> list:
+    try:
+        return session.run(names, {input_name: batch})
+    except Exception as exc:
+        msg = str(exc).splitlines()[0]
+        raise PtqcError(f"onnxruntime failed on a batch of shape {batch.shape}: {msg}") from None
+
+
+def _channel_sum(arr: np.ndarray) -> np.ndarray:
+    """Per-channel (axis 1) sum over everything but the batch axis, summed over the batch: mean * N."""
+    if arr.ndim == 2:
+        return arr.sum(axis=0, dtype=np.float64)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1).mean(axis=2, dtype=np.float64).sum(axis=0)
+
+
+class CalibratePass(ir.passes.InPlacePass):
+    """Attach a histogram to every planned activation, from onnxruntime runs over ``data``."""
+
+    def __init__(self, data: Dataset, batch_size: int = 32):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
+        planned = [v for v in graph.inputs if ACT in v.meta]
+        planned += [v for node in graph for v in node.outputs if ACT in v.meta]
+        names = [v.name for v in planned if v is not input_value]
+        session = float_session(model, names)
+        hists = {v.name: Histogram() for v in planned}
+        layer_inputs = {node.inputs[0].name for node in graph if WEIGHT in node.meta}
+        sums: dict[str, np.ndarray] = {}
+        seen = 0
+        for batch in progress.batches(self.data.batches(self.batch_size), "calibrate", total=len(self.data)):
+            outs = run_batch(session, input_value.name, batch, names)
+            if input_value.name in hists:
+                hists[input_value.name].add(batch)
+            for name, arr in zip(names, outs):
+                hists[name].add(arr)
+            for name, arr in zip([input_value.name, *names], [batch, *outs]):
+                if name in layer_inputs:
+                    sums[name] = sums.get(name, 0.0) + _channel_sum(arr)
+            seen += len(batch)
+        if seen == 0:
+            raise PtqcError("the calibration data yielded no samples")
+        for v in planned:
+            h = hists[v.name]
+            if h.nonfinite:
+                raise PtqcError(f"NaN or Inf in tensor {v.name} on the calibration data")
+            v.meta[HIST] = h
+            if v.name in sums:
+                v.meta[MEAN] = sums[v.name] / seen
+        logger.info("calibrated %d tensors on %d samples", len(planned), seen)
+        model.graph.meta["ptqc.calib_samples"] = seen
+        return ir.passes.PassResult(model, modified=False)

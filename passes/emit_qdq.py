@@ -1,0 +1,170 @@
+"""Write the quantized model as a QDQ graph that stock onnxruntime runs and Netron shows.
+
+Guarantees after the pass:
+
+* Weights are int8 initializers whose values lie in the layer's signed b-bit range, behind a per-channel
+  DequantizeLinear with scales ``2**e``.  Biases are int32 at scale ``2**(e_in + e_w[c])`` (exactly
+  ``x_scale * w_scale``, as onnxruntime's integer kernels require).
+* Every planned activation goes through ``QuantizeLinear -> [Clip] -> DequantizeLinear`` with a scalar
+  scale ``2**e`` in a uint8 container: zero point 0 for unsigned tensors, 128 for signed ones (so the codes
+  are exactly the signed b-bit integers).  Below 8 bits, or where a fused Relu/Clip bounds the range, an
+  integer Clip on the uint8 codes saturates at the b-bit range: the graph computes exactly what b-bit
+  hardware computes, and onnxruntime still fuses Conv into QLinearConv around it.
+* A fused Relu/Clip node is removed; its effect is that saturation (exact, since rounding is monotone).
+* Graph input and output names are unchanged; logits stay float.
+* Each quantized node's ``doc_string`` and ``metadata_props`` give bit widths, exponents and shifts.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EmitQdqPass", "container"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from ptqc.annotations import ACT, WEIGHT, ActQuant
+from ptqc.passes.fold_batchnorm import new_initializer
+from ptqc.quant import int_range
+
+logger = logging.getLogger(__name__)
+
+
+def container(act: ActQuant) -> tuple[int, int, int]:
+    """uint8 zero point and the [lo, hi] code range (in uint8 codes) of an activation quantizer."""
+    zp = 128 if act.signed else 0
+    qmin, qmax = int_range(act.bits, act.signed)
+    s = 2.0**act.exp
+    if act.clip_lo is not None:
+        qmin = max(qmin, int(np.round(act.clip_lo / s)))
+    if act.clip_hi is not None:
+        qmax = min(qmax, int(np.round(act.clip_hi / s)))
+    qmax = max(qmax, qmin)
+    return zp, qmin + zp, qmax + zp
+
+
+def _fmt_range(arr: np.ndarray) -> str:
+    lo, hi = int(arr.min()), int(arr.max())
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+class EmitQdqPass(ir.passes.InPlacePass):
+    """Rewrite the annotated float graph into power-of-two QDQ form."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        values = [v for v in graph.inputs if ACT in v.meta]
+        values += [v for node in list(graph) for v in node.outputs if ACT in v.meta]
+        for node in list(graph):
+            if WEIGHT in node.meta:
+                self._weights(graph, node)
+        for v in values:
+            self._activation(graph, v)
+        for node in graph:
+            if WEIGHT in node.meta:
+                self._document(node)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        logger.info("wrote %d activation quantizers", len(values))
+        return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _activation(graph: ir.Graph, v: ir.Value) -> None:
+        act: ActQuant = v.meta[ACT]
+        zp, lo, hi = container(act)
+        name = v.name
+        scale = new_initializer(graph, f"{name}_scale", np.array(2.0**act.exp, dtype=np.float32))
+        zero = new_initializer(graph, f"{name}_zero_point", np.array(zp, dtype=np.uint8))
+        uses = list(v.uses())
+        fused = act.fused
+        src = fused.inputs[0] if fused is not None else v
+        q = ir.node("QuantizeLinear", [src, scale, zero], name=f"{name}_QuantizeLinear")
+        q.outputs[0].name = f"{name}_quantized"
+        new_nodes = [q]
+        codes = q.outputs[0]
+        if (lo, hi) != (0, 255):
+            lo_v = new_initializer(graph, f"{name}_clip_lo", np.array(lo, dtype=np.uint8))
+            hi_v = new_initializer(graph, f"{name}_clip_hi", np.array(hi, dtype=np.uint8))
+            clip = ir.node("Clip", [codes, lo_v, hi_v], name=f"{name}_saturate")
+            clip.outputs[0].name = f"{name}_saturated"
+            clip.doc_string = f"ptqc: integer saturation to codes [{lo - zp}, {hi - zp}]"
+            new_nodes.append(clip)
+            codes = clip.outputs[0]
+        dq = ir.node("DequantizeLinear", [codes, scale, zero], name=f"{name}_DequantizeLinear")
+        dq.outputs[0].name = f"{name}_DequantizeLinear_Output"
+        dq.outputs[0].shape = v.shape
+        dq.outputs[0].type = v.type
+        new_nodes.append(dq)
+        kind = "signed" if act.signed else "unsigned"
+        note = f"ptqc: {act.bits}-bit {kind}, scale 2^{act.exp}, codes [{lo - zp}, {hi - zp}]"
+        if fused is not None:
+            note += f"; fused {fused.op_type}"
+        q.doc_string = dq.doc_string = note
+        meta = {"ptqc.bits": str(act.bits), "ptqc.signed": str(int(act.signed)), "ptqc.exp": str(act.exp)}
+        q.metadata_props.update(meta)
+        dq.metadata_props.update(meta)
+        anchor = src.producer()
+        if anchor is None:
+            first = next(iter(graph))
+            graph.insert_before(first, new_nodes)
+        else:
+            graph.insert_after(anchor, new_nodes)
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        if fused is not None:
+            graph.remove(fused, safe=True)
+
+    @staticmethod
+    def _weights(graph: ir.Graph, node: ir.Node) -> None:
+        wq = node.meta[WEIGHT]
+        e_in = node.inputs[0].meta[ACT].exp
+        w_value = node.inputs[1]
+        wname = w_value.name
+        w_init = new_initializer(graph, f"{wname}_quantized", wq.q.astype(np.int8))
+        w_scale = new_initializer(graph, f"{wname}_scale", np.exp2(wq.exps).astype(np.float32))
+        w_zero = new_initializer(graph, f"{wname}_zero_point", np.zeros(wq.exps.shape, dtype=np.int8))
+        wdq = ir.node("DequantizeLinear", [w_init, w_scale, w_zero], attributes={"axis": wq.axis},
+                      name=f"{wname}_DequantizeLinear")
+        wdq.outputs[0].name = f"{wname}_DequantizeLinear_Output"
+        wdq.doc_string = f"ptqc: {wq.bits}-bit signed weights, per-channel scale 2^[{_fmt_range(wq.exps)}]"
+        wdq.metadata_props.update({"ptqc.bits": str(wq.bits), "ptqc.exp": " ".join(map(str, wq.exps))})
+        new_nodes = [wdq]
+        if wq.bias_q is not None and (np.any(wq.bias_q) or (len(node.inputs) > 2 and node.inputs[2] is not None)):
+            has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+            bname = node.inputs[2].name if has_bias else f"{node.name or node.outputs[0].name}_bias"
+            if not has_bias:
+                node.resize_inputs(3)
+            b_exps = e_in + wq.exps
+            b_init = new_initializer(graph, f"{bname}_quantized", wq.bias_q.astype(np.int32))
+            b_scale = new_initializer(graph, f"{bname}_scale", np.exp2(b_exps).astype(np.float32))
+            b_zero = new_initializer(graph, f"{bname}_zero_point", np.zeros(b_exps.shape, dtype=np.int32))
+            bdq = ir.node("DequantizeLinear", [b_init, b_scale, b_zero], attributes={"axis": 0},
+                          name=f"{bname}_DequantizeLinear")
+            bdq.outputs[0].name = f"{bname}_DequantizeLinear_Output"
+            bdq.doc_string = f"ptqc: int32 bias at the accumulator scale 2^[{_fmt_range(b_exps)}]"
+            new_nodes.append(bdq)
+            node.replace_input_with(2, bdq.outputs[0])
+        graph.insert_before(node, new_nodes)
+        node.replace_input_with(1, wdq.outputs[0])
+
+    @staticmethod
+    def _document(node: ir.Node) -> None:
+        """Bit widths, exponents and requantization shifts where Netron shows them."""
+        wq = node.meta[WEIGHT]
+        e_in = node.inputs[0].producer().metadata_props.get("ptqc.exp")
+        out_exp = None
+        for use in node.outputs[0].uses():
+            if use.node.op_type == "QuantizeLinear":
+                out_exp = int(use.node.metadata_props["ptqc.exp"])
+        lines = [f"ptqc: {wq.role + ' layer, ' if wq.role else ''}w{wq.bits} per-channel, input scale 2^{e_in}"]
+        props = {"ptqc.weight_bits": str(wq.bits), "ptqc.input_exp": str(e_in)}
+        if out_exp is not None and e_in is not None:
+            shifts = int(e_in) + wq.exps - out_exp
+            lines.append(f"requant: acc * 2^({_fmt_range(shifts)}) -> output scale 2^{out_exp} (shift per channel)")
+            props["ptqc.output_exp"] = str(out_exp)
+            props["ptqc.requant_shift"] = " ".join(map(str, shifts))
+        else:
+            lines.append("output: float (accumulator dequantized)")
+        node.doc_string = "\n".join(lines)
+        node.metadata_props.update(props)

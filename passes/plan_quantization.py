@@ -1,0 +1,267 @@
+"""Decide what gets quantized, to how many bits, signed or unsigned, and which tensors share a scale.
+
+Guarantees after the pass:
+
+* Every weighted op (Conv, Gemm, MatMul with a constant weight) has ``node.meta[WEIGHT]``: its weight bit
+  width and output-channel axis.  Gemm ``alpha``/``beta`` are folded into the weights and bias, and a 2-D
+  Gemm bias becomes 1-D.
+* Every float activation that an integer op reads or writes has ``value.meta[ACT]`` (bits, signedness,
+  sharing group), except the graph outputs, which stay float.
+* A Relu or Clip that is the only consumer of a Conv/Gemm/MatMul/Add output is *fused*: its output carries
+  the quantizer, with the clip bounds recorded, and the pre-activation tensor has none.  The writer turns it
+  into integer saturation.
+* A tensor is unsigned when the graph proves it is non-negative (after Relu, Clip(lo >= 0), or ops that
+  keep non-negativity); otherwise signed.
+* Values that must share one exponent (inputs and output of MaxPool, Flatten, Reshape, Concat, ...) carry
+  the same group id.
+* With the first/last-layer policy, the first layer's weights and input and the last layer's weights and
+  input are 8-bit.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PlanQuantizationPass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc.annotations import (
+    ACT,
+    FUSABLE_ACTS,
+    INTEGER_OPS,
+    PASSTHROUGH_OPS,
+    WEIGHT,
+    WEIGHTED_OPS,
+    ActQuant,
+    WeightQuant,
+)
+from ptqc.config import QuantConfig
+from ptqc.passes.fold_batchnorm import const, new_initializer
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+_SHARES_SCALE = PASSTHROUGH_OPS + ("Pad",)
+_KEEPS_SIGN = _SHARES_SCALE + ("Concat", "ReduceSum", "GlobalAveragePool", "AveragePool", "Add")
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """Output-channel axis of a weighted node's weight, or None when it is not a quantizable weighted op."""
+    if node.op_type not in WEIGHTED_OPS or len(node.inputs) < 2 or const(node.inputs[1]) is None:
+        return None
+    w = const(node.inputs[1])
+    if node.op_type == "Conv":
+        return 0 if w.ndim >= 3 else None
+    if w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 1  # MatMul: [K, N]
+
+
+def clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
+    """Float bounds of a Relu/Clip with constant bounds, else None."""
+    if node.op_type == "Relu":
+        return 0.0, None
+    lo = hi = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const(node.inputs[1])
+        if arr is None:
+            return None
+        lo = float(arr)
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        arr = const(node.inputs[2])
+        if arr is None:
+            return None
+        hi = float(arr)
+    return lo, hi
+
+
+def is_float_activation(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in _FLOATS and ir.convenience.get_const_tensor(value) is None
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class PlanQuantizationPass(ir.passes.InPlacePass):
+    """Annotate weights and activations with their quantizers (exponents come later)."""
+
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        graph.sort()
+        nodes = list(graph)
+        for node in nodes:
+            if node.op_type == "Gemm":
+                self._canonical_gemm(graph, node)
+
+        weighted = {}
+        for node in nodes:
+            axis = weight_axis(node)
+            if axis is not None:
+                weighted[node] = axis
+
+        # fused activations: Relu/Clip as the only consumer of an op that requantizes
+        fused_pre: set[ir.Value] = set()
+        fused_post: dict[ir.Value, tuple[ir.Node, float | None, float | None]] = {}
+        for node in nodes:
+            if node.op_type not in FUSABLE_ACTS:
+                continue
+            x = node.inputs[0]
+            prod = x.producer() if x is not None else None
+            bounds = clip_bounds(node)
+            if prod is None or bounds is None or len(x.uses()) != 1 or x in graph.outputs:
+                continue
+            if prod not in weighted and prod.op_type != "Add":
+                continue
+            fused_pre.add(x)
+            fused_post[node.outputs[0]] = (node, bounds[0], bounds[1])
+
+        # signedness, proven from the graph
+        unsigned: dict[ir.Value, bool] = {}
+        for node in nodes:
+            for out in node.outputs:
+                if node.op_type in FUSABLE_ACTS:
+                    b = clip_bounds(node)
+                    unsigned[out] = b is not None and b[0] is not None and b[0] >= 0
+                elif node.op_type in _KEEPS_SIGN:
+                    data = [v for v in node.inputs if is_float_activation(v)]
+                    unsigned[out] = bool(data) and all(unsigned.get(v, False) for v in data)
+                else:
+                    unsigned[out] = False
+
+        # which values get a quantizer
+        candidates = [v for v in graph.inputs if is_float_activation(v)]
+        for node in nodes:
+            candidates.extend(v for v in node.outputs if is_float_activation(v))
+        planned: list[ir.Value] = []
+        for v in candidates:
+            if self._feeds_only_outputs(graph, v) or v in fused_pre or not v.uses():
+                continue
+            prod = v.producer()
+            produced_int = prod is None or prod.op_type in INTEGER_OPS
+            read_int = any(u.node.op_type in INTEGER_OPS and (u.node not in weighted or u.idx == 0) for u in v.uses())
+            if produced_int or read_int:
+                planned.append(v)
+
+        first, last = self._first_last(graph, nodes, weighted)
+        bits_of: dict[ir.Value, int] = {v: self.config.act_bits for v in planned}
+        for node, axis in weighted.items():
+            role = "first" if node in first else "last" if node in last else ""
+            bits = self.config.weight_bits
+            if role and self.config.first_last_8bit:
+                bits = 8
+                data = node.inputs[0]
+                if data in bits_of:
+                    bits_of[data] = 8
+            node.meta[WEIGHT] = WeightQuant(bits=bits, axis=axis, role=role, bias=self._bias(node, axis))
+
+        # sharing groups
+        uf = _UnionFind()
+        index = {v: i for i, v in enumerate(planned)}
+        for node in nodes:
+            if node.op_type in _SHARES_SCALE or node.op_type == "Concat":
+                members = [v for v in (*node.inputs, *node.outputs) if v in index]
+                if node.op_type != "Concat":
+                    members = [v for v in (node.inputs[0], node.outputs[0]) if v in index]
+                    if len(members) < 2:
+                        continue
+                for a in members[1:]:
+                    uf.union(index[members[0]], index[a])
+        group_bits: dict[int, int] = {}
+        group_unsigned: dict[int, bool] = {}
+        for v in planned:
+            g = uf.find(index[v])
+            group_bits[g] = max(group_bits.get(g, 0), bits_of[v])
+            group_unsigned[g] = group_unsigned.get(g, True) and unsigned.get(v, False)
+        for v in planned:
+            g = uf.find(index[v])
+            act = ActQuant(bits=group_bits[g], signed=not group_unsigned[g], group=g)
+            if v in fused_post:
+                act.fused, act.clip_lo, act.clip_hi = fused_post[v]
+            v.meta[ACT] = act
+        logger.info(
+            "planned %d activation quantizers (%d fused activations) and %d weighted layers",
+            len(planned), len(fused_post), len(weighted),
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _feeds_only_outputs(graph: ir.Graph, v: ir.Value) -> bool:
+        """True for the logits and tensors that reach them through shape-only ops: these stay float."""
+        if v in graph.outputs:
+            return True
+        uses = v.uses()
+        return bool(uses) and all(
+            u.node.op_type in PASSTHROUGH_OPS and u.idx == 0 and PlanQuantizationPass._feeds_only_outputs(graph, u.node.outputs[0])
+            for u in uses
+        )
+
+    @staticmethod
+    def _bias(node: ir.Node, axis: int) -> np.ndarray:
+        n_out = const(node.inputs[1]).shape[axis]
+        b = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if b is None:
+            return np.zeros(n_out)
+        return np.broadcast_to(b.astype(np.float64).reshape(-1), (n_out,)).copy()
+
+    @staticmethod
+    def _first_last(graph: ir.Graph, nodes: list[ir.Node], weighted: dict) -> tuple[set, set]:
+        # first: weighted nodes reading a graph input through shape-only ops
+        first = set()
+        inputs = set(graph.inputs)
+        for node in weighted:
+            v = node.inputs[0]
+            while v is not None and v not in inputs:
+                p = v.producer()
+                if p is None or p.op_type not in _SHARES_SCALE:
+                    break
+                v = p.inputs[0]
+            if v in inputs:
+                first.add(node)
+        # last: weighted nodes with no weighted node downstream
+        below: dict[ir.Node, bool] = {}
+        for node in reversed(nodes):
+            users = [u.node for out in node.outputs for u in out.uses()]
+            below[node] = any(u in weighted or below.get(u, False) for u in users)
+        last = {n for n in weighted if not below[n]}
+        return first, last
+
+    @staticmethod
+    def _canonical_gemm(graph: ir.Graph, node: ir.Node) -> None:
+        alpha = node.attributes.get_float("alpha", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
+        w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        name = node.name or node.outputs[0].name
+        if alpha != 1.0 and w is not None:
+            node.replace_input_with(1, new_initializer(graph, f"{name}_W_alpha", (w * alpha).astype(w.dtype)))
+            node.attributes.pop("alpha", None)
+        c = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if c is not None and (beta != 1.0 or c.ndim != 1) and w is not None:
+            n_out = w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
+            if c.size in (1, n_out):
+                c1 = np.broadcast_to(c.reshape(-1) * beta, (n_out,)).astype(c.dtype)
+                node.replace_input_with(2, new_initializer(graph, f"{name}_C", c1))
+                node.attributes.pop("beta", None)

@@ -1,0 +1,65 @@
+"""Choose power-of-two scales: one exponent per weight output channel, one per activation tensor.
+
+Guarantees after the pass:
+
+* Every weighted op's ``meta[WEIGHT]`` has ``exps`` (one integer per output channel) and ``q``, the weights
+  rounded to nearest on the grid ``2**exps`` within the signed ``bits`` range.  Each exponent is the one with
+  the least squared weight error among the no-clip exponent and five finer ones, not the max rounded up.
+* Every planned activation's ``meta[ACT].exp`` is the exponent with the least squared error on its
+  calibration histogram (rounding and clipping error both counted), for its bit width and signedness.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PotScalesPass", "weight_matrix"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc.annotations import ACT, HIST, WEIGHT
+from ptqc.passes.fold_batchnorm import const
+from ptqc.quant import quantize, weight_exponents
+
+logger = logging.getLogger(__name__)
+
+
+def weight_matrix(w: np.ndarray, axis: int) -> np.ndarray:
+    """The weight as (output channels, everything else)."""
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def channel_view(exps: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """Per-channel values shaped to broadcast against a weight tensor of rank ``ndim``."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return exps.reshape(shape)
+
+
+class PotScalesPass(ir.passes.InPlacePass):
+    """Least-squares power-of-two exponents for weights (per channel) and activations (per tensor)."""
+
+    def __init__(self, act_method: str = "auto"):
+        super().__init__()
+        self.act_method = act_method
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        n_w = n_a = 0
+        for node in graph:
+            wq = node.meta.get(WEIGHT)
+            if wq is None:
+                continue
+            w = const(node.inputs[1]).astype(np.float64)
+            wq.exps = weight_exponents(weight_matrix(w, wq.axis), wq.bits)
+            wq.q = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
+            n_w += 1
+        values = [v for v in graph.inputs if ACT in v.meta]
+        values += [v for node in graph for v in node.outputs if ACT in v.meta]
+        for v in values:
+            act = v.meta[ACT]
+            act.exp = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
+            n_a += 1
+        logger.info("chose exponents for %d weighted layers and %d activations", n_w, n_a)
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,73 @@
+"""What the passes tell each other, stored in the IR's in-memory ``meta`` of values and nodes.
+
+* ``value.meta[ACT]``: :class:`ActQuant`, set by plan_quantization, exponent filled by pot_scales.
+* ``value.meta[HIST]``: :class:`ptqc.quant.Histogram`, set by calibrate.
+* ``value.meta[MEAN]``: per-channel mean (axis 1) of a weighted layer's input, set by calibrate.
+* ``node.meta[WEIGHT]``: :class:`WeightQuant` on Conv/Gemm/MatMul, filled by pot_scales.
+* ``node.meta[BN]``: :class:`BnStats` on a Conv/Gemm that absorbed a BatchNormalization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+ACT = "ptqc.act"
+HIST = "ptqc.hist"
+MEAN = "ptqc.mean"
+WEIGHT = "ptqc.weight"
+BN = "ptqc.bn"
+
+#: Ops that consume a weight initializer and accumulate in int32.
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+#: Ops whose output has the input's scale: the requantization is the identity.
+PASSTHROUGH_OPS = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout")
+#: Ops ptqc runs on integers: their data inputs are quantized.
+INTEGER_OPS = WEIGHTED_OPS + PASSTHROUGH_OPS + (
+    "Add", "Concat", "AveragePool", "GlobalAveragePool", "ReduceSum", "Relu", "Clip", "Pad",
+)
+#: Activations that fold into the preceding requantization as integer saturation.
+FUSABLE_ACTS = ("Relu", "Clip")
+
+
+@dataclasses.dataclass
+class ActQuant:
+    """Quantizer of one activation tensor: ``bits``-wide, signed or unsigned, scale ``2**exp``."""
+
+    bits: int
+    signed: bool
+    exp: int | None = None
+    #: sharing group: every value of a group ends up with the same exponent
+    group: int = -1
+    #: float bounds of a fused Relu/Clip (None = unbounded)
+    clip_lo: float | None = None
+    clip_hi: float | None = None
+    #: the fused Relu/Clip node, removed when the QDQ graph is written
+    fused: object | None = None
+
+
+@dataclasses.dataclass
+class WeightQuant:
+    """Per-output-channel quantization of a weighted op."""
+
+    bits: int
+    #: axis of the weight initializer that indexes output channels
+    axis: int
+    role: str = ""  # "first", "last" or ""
+    #: float bias per output channel (zeros when the layer has none); passes may correct it
+    bias: np.ndarray | None = None
+    exps: np.ndarray | None = None
+    q: np.ndarray | None = None  # integer weights, same shape as the float weights
+    bias_q: np.ndarray | None = None  # int32 bias at scale 2**(e_in + exps)
+
+
+@dataclasses.dataclass
+class BnStats:
+    """The BatchNormalization parameters a layer absorbed: kept for range estimates and loss weighting."""
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float

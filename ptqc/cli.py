@@ -1,0 +1,219 @@
+"""The ``ptqc`` command line: compile, inspect, eval, fetch, demo.
+
+Every command is a thin layer over the Python API.  Bad input ends with one ``error: ...`` line on stderr
+and exit code 2, and never leaves a half-written output file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from ptqc import progress
+from ptqc.errors import PtqcError
+
+logger = logging.getLogger("ptqc")
+
+SHORTHANDS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4", "w2a2")
+
+
+def _fail_cleanly(fn):
+    """Turn PtqcError (and a few OS errors) into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PtqcError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory; try a smaller --batch-size or --calib-size", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if not verbose:
+        for noisy in ("onnx_ir", "ptqc.passes"):
+            logging.getLogger(noisy).setLevel(logging.WARNING if quiet else logging.WARNING)
+    progress.DISABLE = True if quiet else None
+
+
+def _preprocess_options(fn):
+    fn = click.option("--preprocess", "preset", default="tf", show_default=True,
+                      type=click.Choice(["tf", "lite", "torch"]),
+                      help="Image preprocessing preset: tf = px/127.5-1, lite = (px-127)/128, torch = ImageNet mean/std.")(fn)
+    fn = click.option("--size", type=int, default=None, help="Input image size S (default 224): resize to S/0.875, centre-crop S.")(fn)
+    fn = click.option("--mean", type=str, default=None, help="Per-channel mean in pixel units, e.g. 123.7,116.3,103.5.")(fn)
+    fn = click.option("--std", type=str, default=None, help="Per-channel std in pixel units, e.g. 58.4,57.1,57.4.")(fn)
+    return fn
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise PtqcError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def _make_pre(preset, size, mean, std):
+    from ptqc.data import make_preprocess
+
+    return make_preprocess(preset, size, _floats(mean, "mean"), _floats(std, "std"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ptqc")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every pass.")
+def main(quiet: bool, verbose: bool) -> None:
+    """ptqc: power-of-two post-training quantization for ONNX CNNs.
+
+    Every scale is 2^e, so every requantization step is an integer shift.
+    """
+    _setup_logging(quiet, verbose)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, help="Calibration data: a folder of images, or a .npy/.npz of input tensors.")
+@click.option("-o", "--output", default=None, help="Output path [default: <model>.ptqc.onnx beside the input].")
+@click.option("--pot/--no-pot", default=True, show_default=True, help="Power-of-two scales (the only mode ptqc has).")
+@click.option("--w8a8", "bits", flag_value="w8a8", help="8-bit weights, 8-bit activations (the default).")
+@click.option("--w4a8", "bits", flag_value="w4a8", help="4-bit weights, 8-bit activations.")
+@click.option("--w4a4", "bits", flag_value="w4a4", help="4-bit weights, 4-bit activations.")
+@click.option("--w3a3", "bits", flag_value="w3a3", help="3-bit weights, 3-bit activations.")
+@click.option("--w2a4", "bits", flag_value="w2a4", help="2-bit weights, 4-bit activations.")
+@click.option("--w2a2", "bits", flag_value="w2a2", help="2-bit weights, 2-bit activations.")
+@click.option("--weight-bits", type=int, default=None, help="Weight bit width, 2-8 (overrides the shorthand).")
+@click.option("--act-bits", type=int, default=None, help="Activation bit width, 2-8 (overrides the shorthand).")
+@click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
+@click.option("--calib-size", type=int, default=256, show_default=True, help="Use the first N samples in sorted order.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
+@click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
+              help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
+@click.option("--no-bias-correction", is_flag=True, help="Skip the compensation bias.")
+@_preprocess_options
+@_fail_cleanly
+def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit, calib_size, batch_size,
+            act_calib, no_bias_correction, preset, size, mean, std):
+    """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
+    import ptqc
+    from ptqc.config import QuantConfig, parse_shorthand
+    from ptqc.writer import check_writable, save_atomic
+
+    if not pot:
+        raise PtqcError("ptqc only emits power-of-two scales; drop --no-pot")
+    wb, ab = parse_shorthand(bits or "w8a8")
+    wb = weight_bits if weight_bits is not None else wb
+    ab = act_bits if act_bits is not None else ab
+    config = QuantConfig(weight_bits=wb, act_bits=ab, first_last_8bit=not all_low_bit, calib_size=calib_size,
+                         batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction)
+    if output is None:
+        base = model[:-5] if model.endswith(".onnx") else model
+        output = f"{base}.ptqc.onnx"
+    check_writable(output)
+    pre = _make_pre(preset, size, mean, std)
+    result = ptqc.compile(model, calib, config, pre)
+    save_atomic(result.model, output)
+    size_mb = os.path.getsize(output) / 2**20
+    click.echo(f"wrote {output} ({config.tag}, power-of-two, {result.calib_samples} calibration samples, "
+               f"{result.timings['total']:.1f} s, {size_mb:.1f} MB)")
+
+
+@main.command(name="inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--allow-non-shift", is_flag=True, help="Report non-shift steps and float ops without failing.")
+@_fail_cleanly
+def inspect_cmd(model, as_json, allow_non_shift):
+    """Per-layer bits, scale exponents and requant shifts of a QDQ model.
+
+    Exits 1 if any scale is not a power of two, any requantization is not a shift, or a float op is hidden
+    between quantized layers.
+    """
+    from ptqc.inspect import format_table, inspect_model
+    from ptqc.loader import read_model
+
+    report = inspect_model(read_model(model))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+    else:
+        click.echo(format_table(report))
+        for extra, count in report.extra_ops.items():
+            click.echo(f"extra ops: {count} x {extra}")
+        for msg in report.problems:
+            click.echo(f"PROBLEM: {msg}")
+        for msg in report.non_shift:
+            click.echo(f"NOT A SHIFT: {msg}")
+        for msg in report.float_ops:
+            click.echo(f"FLOAT: {msg}")
+        verdict = "PASS" if report.ok else "FAIL"
+        click.echo(f"{verdict}: {len(report.rows)} ops; all scales powers of two: {not report.problems}; "
+                   f"all requantizations shifts: {not report.non_shift and not report.float_ops}")
+    if report.problems or (not allow_non_shift and not report.ok):
+        sys.exit(1)
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, help="Folder of labelled images.")
+@click.option("--labels", required=True, help="File with 'filename index' per line.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N images only.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@_preprocess_options
+@_fail_cleanly
+def eval_cmd(model, images, labels, limit, batch_size, preset, size, mean, std):
+    """Top-1 / top-5 accuracy of MODEL in onnxruntime."""
+    from ptqc.evaluate import evaluate_folder
+
+    acc = evaluate_folder(model, images, labels, _make_pre(preset, size, mean, std), batch_size, limit)
+    click.echo(f"top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%  ({acc.n} images)")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the models in the manifest.")
+@click.option("--from", "source", default=None, help="Fetch from this URL or path instead of the manifest's URL.")
+@click.option("--cache-dir", default=None, help="Cache folder [default: $PTQC_CACHE or ~/.cache/ptqc].")
+@_fail_cleanly
+def fetch(name, list_, source, cache_dir):
+    """Download a model from the manifest, verify its sha256, and cache it."""
+    from ptqc.fetch import fetch_model, load_manifest
+
+    manifest = load_manifest()
+    if list_ or not name:
+        for entry in manifest.values():
+            click.echo(f"{entry['name']:28s} {entry['input_size']:>4d}px  {entry['preprocess']:5s}  {entry['description']}")
+        return
+    path = fetch_model(name, source=source, cache_dir=cache_dir)
+    click.echo(path)
+
+
+@main.command()
+@click.option("--bits", "bits", default="w4a4", show_default=True, type=click.Choice(SHORTHANDS))
+@click.option("-o", "--output", default=None, help="Where to write the quantized demo model [default: a temp dir].")
+@_fail_cleanly
+def demo(bits, output):
+    """Compile the small model that ships with ptqc and compare FP32 vs quantized accuracy."""
+    from ptqc.demo import run_demo
+
+    run_demo(bits, output, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

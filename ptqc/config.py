@@ -1,0 +1,60 @@
+"""Quantization settings: bit widths, the first/last-layer policy and the calibration budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ptqc.errors import PtqcError
+
+#: Bit widths ptqc can emit for weights and activations.
+SUPPORTED_BITS = range(2, 9)
+
+_SHORTHAND = re.compile(r"^w(\d)a(\d)$")
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """Everything that decides how a model is quantized.
+
+    ``first_last_8bit`` is the BRECQ/QDrop/RAPQ convention: the first layer's weights and input and the
+    last layer's weights and input stay 8-bit.  The logits are never quantized.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    first_last_8bit: bool = True
+    calib_size: int = 256
+    batch_size: int = 32
+    #: activation exponent rule: "mse" (least squared error on the histogram), "max" (no clipping), or
+    #: "auto" (max for 8-bit tensors, mse below)
+    act_method: str = "auto"
+    #: subtract the mean output error of weight rounding from each layer's bias
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if bits not in SUPPORTED_BITS:
+                raise PtqcError(
+                    f"unsupported {what} bit width {bits}; ptqc supports "
+                    f"{SUPPORTED_BITS.start} to {SUPPORTED_BITS.stop - 1}"
+                )
+        if self.act_method not in ("auto", "mse", "max"):
+            raise PtqcError(f"unknown activation calibration method {self.act_method!r}; use auto, mse or max")
+        if self.calib_size < 1:
+            raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits}"
+
+    def as_metadata(self) -> dict[str, str]:
+        return {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_shorthand(text: str) -> tuple[int, int]:
+    """``"w2a4"`` -> ``(2, 4)``; anything else is a :class:`PtqcError`."""
+    match = _SHORTHAND.match(text.strip().lower())
+    if not match:
+        raise PtqcError(f"bit-width shorthand must look like w4a8, got {text!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -1,0 +1,335 @@
+"""Read a QDQ model back and check the integer claim: every scale 2^e, every requantization a shift.
+
+This works on the written ONNX file alone (no ptqc metadata is trusted for the verdict):
+
+* every QuantizeLinear / DequantizeLinear scale must be an exact power of two;
+* weights behind a DequantizeLinear must be integers inside their declared bit range;
+* a layer's bias scale must equal input scale x weight scale (the accumulator scale);
+* each integer op's requantization ``s_in * s_w / s_out`` (or ``s_in / s_out``) must be ``2^k``;
+* GlobalAveragePool/AveragePool divide by the window area: a shift only when that area is a power of two;
+* a float op between a DequantizeLinear and a QuantizeLinear is a float island: not a shift.
+
+Float ops after the last quantized layer that only lead to graph outputs (the logits) are allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ptqc.quant import exponent_of, is_pow2
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_SAME_SCALE = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Pad", "Dropout",
+               "Concat", "Relu", "Clip")
+_SHIFT_OPS = ("Add", "ReduceSum", "Sub") + _SAME_SCALE
+_POOL = ("GlobalAveragePool", "AveragePool")
+_LAYERS = ("Conv", "Gemm", "MatMul")
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    op: str
+    w_bits: str = ""
+    a_bits: str = ""
+    e_in: str = ""
+    e_w: str = ""
+    e_out: str = ""
+    shift: str = ""
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    rows: list[Row]
+    problems: list[str]
+    non_shift: list[str]
+    float_ops: list[str]
+    extra_ops: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.non_shift and not self.float_ops
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "non_shift_steps": self.non_shift,
+            "float_ops": self.float_ops,
+            "extra_ops": self.extra_ops,
+            "layers": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+
+def _rng(values) -> str:
+    arr = np.asarray(values).reshape(-1)
+    if arr.size == 0:
+        return ""
+    lo, hi = int(arr.min()), int(arr.max())
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.inits = {i.name: i for i in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in g.output}
+        self.nodes = list(g.node)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            inferred = model
+        ig = inferred.graph
+        self.types = {vi.name: vi.type.tensor_type.elem_type for vi in (*ig.value_info, *ig.input, *ig.output)}
+        self.types.update({i.name: i.data_type for i in g.initializer})
+        self.value_info = {vi.name: vi for vi in ig.value_info}
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray | None:
+        if name not in self.inits:
+            p = self.producer.get(name)
+            if p is not None and p.op_type == "Constant":
+                return numpy_helper.to_array(p.attribute[0].t)
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def dq_of(self, name: str) -> onnx.NodeProto | None:
+        p = self.producer.get(name)
+        return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+    def q_after(self, name: str) -> onnx.NodeProto | None:
+        for c in self.consumers.get(name, []):
+            if c.op_type == "QuantizeLinear":
+                return c
+        return None
+
+    def leads_only_to_outputs(self, name: str, seen=None) -> bool:
+        """True when ``name`` reaches only graph outputs, through float ops with no quantization."""
+        if name in self.outputs and not self.consumers.get(name):
+            return True
+        seen = seen if seen is not None else set()
+        for c in self.consumers.get(name, []):
+            if c.op_type in _QDQ or c.op_type in _LAYERS:
+                return False
+            if c.name in seen:
+                continue
+            seen.add(c.name)
+            if not all(self.leads_only_to_outputs(o, seen) for o in c.output):
+                return False
+        return True
+
+
+def _code_bits(g: _Graph, dq: onnx.NodeProto) -> tuple[int, int, int]:
+    """(bits, lo, hi) of the integer codes a DequantizeLinear reads, zero point removed."""
+    zp_arr = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.array(0, np.uint8)
+    zp = int(np.asarray(zp_arr).reshape(-1)[0])
+    src = g.producer.get(dq.input[0])
+    info = {
+        onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+        onnx.TensorProto.UINT4: (0, 15), onnx.TensorProto.INT4: (-8, 7),
+        onnx.TensorProto.UINT2: (0, 3), onnx.TensorProto.INT2: (-2, 1),
+        onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535),
+    }
+    dtype = onnx.TensorProto.UINT8
+    if len(dq.input) > 2 and dq.input[2] in g.inits:
+        dtype = g.inits[dq.input[2]].data_type
+    lo, hi = info.get(dtype, (0, 255))
+    if src is not None and src.op_type == "Clip" and len(src.input) >= 3:
+        clo, chi = g.array(src.input[1]), g.array(src.input[2])
+        if clo is not None:
+            lo = max(lo, int(clo))
+        if chi is not None:
+            hi = min(hi, int(chi))
+    lo, hi = lo - zp, hi - zp
+    span = max(hi, -lo - 1, 0) if lo < 0 else hi
+    bits = (max(int(span).bit_length(), 1) + (1 if lo < 0 else 0)) if span > 0 else 1
+    return bits, lo, hi
+
+
+def inspect_model(model: onnx.ModelProto) -> Report:
+    g = _Graph(model)
+    problems: list[str] = []
+    non_shift: list[str] = []
+    float_ops: list[str] = []
+    rows: list[Row] = []
+    extra: dict[str, int] = defaultdict(int)
+
+    # 1. every Q/DQ scale is a power of two
+    scale_exp: dict[str, np.ndarray] = {}
+    for n in g.nodes:
+        if n.op_type not in _QDQ:
+            continue
+        scale = g.array(n.input[1])
+        if scale is None:
+            problems.append(f"{n.name}: scale {n.input[1]} is not a constant")
+            continue
+        if not is_pow2(scale):
+            bad = np.asarray(scale, np.float64).reshape(-1)
+            problems.append(f"{n.name}: scale is not a power of two ({bad[0]:.9g}{'...' if bad.size > 1 else ''})")
+            continue
+        scale_exp[n.output[0]] = exponent_of(scale)
+
+    def act_exp(name: str) -> tuple[int | None, int | None]:
+        """(exponent, bits) of a quantized activation read through its DequantizeLinear."""
+        dq = g.dq_of(name)
+        if dq is None or dq.input[0] in g.inits or name not in scale_exp:
+            return None, None
+        bits, _, _ = _code_bits(g, dq)
+        return int(scale_exp[name].reshape(-1)[0]), bits
+
+    def out_exp(name: str) -> tuple[int | None, int | None]:
+        q = g.q_after(name)
+        if q is None or q.output[0] not in scale_exp:
+            return None, None
+        dq = next((c for c in g.consumers[q.output[0]] if c.op_type == "DequantizeLinear"), None)
+        if dq is None:
+            clip = next((c for c in g.consumers[q.output[0]] if c.op_type == "Clip"), None)
+            dq = next((c for c in g.consumers[clip.output[0]] if c.op_type == "DequantizeLinear"), None) if clip else None
+        bits = _code_bits(g, dq)[0] if dq is not None else None
+        return int(scale_exp[q.output[0]].reshape(-1)[0]), bits
+
+    for n in g.nodes:
+        if n.op_type in _QDQ:
+            continue
+        if n.op_type == "Clip" and g.producer.get(n.input[0]) is not None and g.producer[n.input[0]].op_type == "QuantizeLinear":
+            extra["Clip (integer saturation)"] += 1
+            continue
+        float_in = [i for i in n.input if i and g.array(i) is None and _is_float(model, g, i)]
+        if not float_in:
+            continue  # shape arithmetic on integers
+        if n.op_type in _LAYERS:
+            rows.append(_layer_row(g, n, scale_exp, act_exp, out_exp, problems, non_shift))
+            continue
+        ins = [act_exp(i) for i in float_in]
+        oe, ob = out_exp(n.output[0])
+        quantized_in = all(e is not None for e, _ in ins)
+        if not quantized_in:
+            if all(g.leads_only_to_outputs(o) for o in n.output) and any(g.dq_of(i) is None for i in float_in):
+                rows.append(Row(n.name, n.op_type, note="float tail (to graph output)"))
+                continue
+            float_ops.append(f"{n.name} ({n.op_type}): float op between DQ and Q")
+            rows.append(Row(n.name, n.op_type, note="FLOAT: not quantized"))
+            continue
+        row = Row(n.name, n.op_type, a_bits="/".join(str(b) for _, b in ins) + (f"->{ob}" if ob else ""),
+                  e_in=",".join(str(e) for e, _ in ins), e_out="" if oe is None else str(oe))
+        if oe is None:
+            if all(g.leads_only_to_outputs(o) for o in n.output):
+                row.note = "float output (to graph output)"
+            else:
+                float_ops.append(f"{n.name} ({n.op_type}): output is not requantized")
+                row.note = "FLOAT output"
+            rows.append(row)
+            continue
+        if n.op_type in _POOL:
+            area = _pool_area(model, g, n)
+            mult = None if area is None else 2.0 ** (ins[0][0] - oe) / area
+            if mult is None or not is_pow2(mult):
+                non_shift.append(f"{n.name} ({n.op_type}): divides by {area or '?'}, not a power of two")
+                row.note = f"NOT A SHIFT: divide by {area}"
+            else:
+                row.shift = str(int(math.log2(mult)))
+        elif n.op_type in _SHIFT_OPS:
+            row.shift = ",".join(str(e - oe) for e, _ in ins)
+            if n.op_type in _SAME_SCALE and n.op_type not in ("Relu", "Clip") and any(e != oe for e, _ in ins):
+                row.note = "shift (scales differ)"
+        else:
+            float_ops.append(f"{n.name} ({n.op_type}): no integer semantics in ptqc")
+            row.note = "FLOAT op"
+        rows.append(row)
+    return Report(rows, problems, non_shift, float_ops, dict(extra))
+
+
+def _is_float(model, g: _Graph, name: str) -> bool:
+    """Whether a tensor holds float data (shape arithmetic on int64 does not count)."""
+    elem = g.types.get(name)
+    if elem is not None:
+        return elem in _FLOAT_TYPES
+    p = g.producer.get(name)
+    return p is None or p.op_type not in ("Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Size")
+
+
+def _pool_area(model, g: _Graph, n: onnx.NodeProto) -> int | None:
+    if n.op_type == "AveragePool":
+        ks = next((list(a.ints) for a in n.attribute if a.name == "kernel_shape"), None)
+        return int(np.prod(ks)) if ks else None
+    vi = g.value_info.get(n.input[0])
+    if vi is not None:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if len(dims) == 4 and all(dims[2:]):
+            return dims[2] * dims[3]
+    return None
+
+
+def _layer_row(g, n, scale_exp, act_exp, out_exp, problems, non_shift) -> Row:
+    e_in, a_in = act_exp(n.input[0])
+    wdq = g.dq_of(n.input[1]) if len(n.input) > 1 else None
+    row = Row(n.name, n.op_type)
+    if e_in is None or wdq is None or wdq.input[0] not in g.inits or n.input[1] not in scale_exp:
+        if g.dq_of(n.input[0]) is None:
+            problems.append(f"{n.name} ({n.op_type}): input is not quantized")
+            row.note = "FLOAT layer"
+        else:
+            problems.append(f"{n.name} ({n.op_type}): weights are not integers behind a DequantizeLinear")
+            row.note = "FLOAT weights"
+        return row
+    wq = g.array(wdq.input[0])
+    bits_decl = None
+    for p in wdq.metadata_props:
+        if p.key == "ptqc.bits":
+            bits_decl = int(p.value)
+    if not np.issubdtype(wq.dtype, np.integer):
+        problems.append(f"{n.name}: weights are not stored as integers")
+    w_bits = bits_decl or 8
+    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
+    if wq.size and (wq.min() < lo or wq.max() > hi):
+        problems.append(f"{n.name}: weight codes {int(wq.min())}..{int(wq.max())} exceed the declared {w_bits}-bit range")
+    e_w = scale_exp[n.input[1]].reshape(-1)
+    row.w_bits, row.e_in, row.e_w = str(w_bits), str(e_in), _rng(e_w)
+    # bias at the accumulator scale
+    if len(n.input) > 2 and n.input[2]:
+        bdq = g.dq_of(n.input[2])
+        if bdq is None or n.input[2] not in scale_exp:
+            problems.append(f"{n.name}: bias is not an int32 behind a DequantizeLinear")
+        else:
+            e_b = scale_exp[n.input[2]].reshape(-1)
+            if e_b.size != e_w.size and e_b.size != 1 or np.any(e_b != e_in + e_w):
+                problems.append(f"{n.name}: bias scale is not input scale x weight scale")
+    oe, ob = out_exp(n.output[0])
+    row.a_bits = f"{a_in}" + (f"->{ob}" if ob else "->float")
+    if oe is None:
+        if g.leads_only_to_outputs(n.output[0]):
+            row.note = "float output (logits)"
+        else:
+            non_shift.append(f"{n.name} ({n.op_type}): output is not requantized")
+            row.note = "NOT REQUANTIZED"
+        return row
+    row.e_out = str(oe)
+    row.shift = _rng(e_in + e_w - oe)
+    return row
+
+
+def format_table(report: Report) -> str:
+    headers = ["layer", "op", "w", "a in->out", "e_in", "e_w", "e_out", "shift", "note"]
+    data = [[r.name, r.op, r.w_bits, r.a_bits, r.e_in, r.e_w, r.e_out, r.shift, r.note] for r in report.rows]
+    widths = [max(len(h), *(len(str(d[i])) for d in data)) if data else len(h) for i, h in enumerate(headers)]
+    widths[0] = min(widths[0], 48)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    for d in data:
+        name = d[0] if len(d[0]) <= 48 else "..." + d[0][-45:]
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip([name, *d[1:]], widths)).rstrip())
+    return "\n".join(lines)
