@@ -5,8 +5,9 @@ Guarantees after the pass:
 * Every weighted op's ``meta[WEIGHT]`` has ``exps`` (one integer per output channel) and ``q``, the weights
   rounded to nearest on the grid ``2**exps`` within the signed ``bits`` range.  Each exponent is the one with
   the least squared weight error among the no-clip exponent and five finer ones, not the max rounded up.
-* Every planned activation's ``meta[ACT].exp`` is the exponent with the least squared error on its
-  calibration histogram (rounding and clipping error both counted), for its bit width and signedness.
+* Every planned activation's ``meta[ACT].exp`` is set: by default the exponent with the least squared
+  error on its calibration histogram (rounding and clipping error both counted) below 8 bits, and the
+  no-clip exponent at 8 bits.  Exponents an earlier pass fixed are kept.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class PotScalesPass(ir.passes.InPlacePass):
         values += [v for node in graph for v in node.outputs if ACT in v.meta]
         for v in values:
             act = v.meta[ACT]
-            act.exp = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
+            if act.exp is None:  # an earlier pass may have fixed it
+                act.exp = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
             n_a += 1
         logger.info("chose exponents for %d weighted layers and %d activations", n_w, n_a)
         return ir.passes.PassResult(model, modified=True)

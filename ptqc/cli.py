@@ -103,7 +103,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--act-bits", type=int, default=None, help="Activation bit width, 2-8 (overrides the shorthand).")
 @click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="Use the first N samples in sorted order.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Calibration batch size (peak memory grows with it, not with --calib-size).")
 @click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
               help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
 @click.option("--no-bias-correction", is_flag=True, help="Skip the compensation bias.")

@@ -25,12 +25,14 @@ class QuantConfig:
     act_bits: int = 8
     first_last_8bit: bool = True
     calib_size: int = 256
-    batch_size: int = 32
+    batch_size: int = 16
     #: activation exponent rule: "mse" (least squared error on the histogram), "max" (no clipping), or
     #: "auto" (max for 8-bit tensors, mse below)
     act_method: str = "auto"
     #: subtract the mean output error of weight rounding from each layer's bias
     bias_correction: bool = True
+    #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
+    absorb_clip: bool = True
 
     def __post_init__(self) -> None:
         for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):

@@ -210,8 +210,8 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             extra["Clip (integer saturation)"] += 1
             continue
         float_in = [i for i in n.input if i and g.array(i) is None and _is_float(model, g, i)]
-        if not float_in:
-            continue  # shape arithmetic on integers
+        if not float_in or n.op_type in ("Shape", "Size"):
+            continue  # shape arithmetic: no float data flows through
         if n.op_type in _LAYERS:
             rows.append(_layer_row(g, n, scale_exp, act_exp, out_exp, problems, non_shift))
             continue

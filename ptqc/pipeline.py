@@ -17,7 +17,9 @@ import onnx_ir as ir
 import ptqc
 from ptqc import loader, writer
 from ptqc.config import QuantConfig
+from ptqc.errors import PtqcError
 from ptqc.data import Dataset, Preprocess, check_shape, open_dataset
+from ptqc.passes.absorb_clip_range import AbsorbClipRangePass
 from ptqc.passes.bias_correction import BiasCorrectionPass
 from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.emit_qdq import EmitQdqPass
@@ -53,6 +55,16 @@ class _Timed(ir.passes.InPlacePass):
         return result
 
 
+def _user_error(exc: BaseException) -> BaseException:
+    """The PtqcError inside the pass framework's wrapping, if there is one (else the original error)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, PtqcError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
 def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]:
     """The pass list, in pipeline order."""
     return [
@@ -60,6 +72,7 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         GapToSumPass(),
         PlanQuantizationPass(config),
         CalibratePass(data, config.batch_size),
+        *([AbsorbClipRangePass(config.act_method)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([BiasCorrectionPass()] if config.bias_correction else []),
         LegalizeScalesPass(config.act_method),
@@ -83,7 +96,10 @@ def compile(
     data = open_dataset(calib, preprocess, limit=config.calib_size, input_name=input_name)
     check_shape(data, input_shape)
     manager = ir.passes.PassManager([_Timed(p, timings) for p in build_passes(config, data)])
-    manager(irm)
+    try:
+        manager(irm)
+    except ir.passes.PassError as exc:
+        raise _user_error(exc) from None
     samples = int(irm.graph.meta.get("ptqc.calib_samples", 0))
     irm.metadata_props.update(config.as_metadata())
     irm.metadata_props["ptqc.version"] = ptqc.__version__

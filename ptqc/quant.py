@@ -129,13 +129,32 @@ class Histogram:
     """
 
     counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(_NBINS, dtype=np.int64))
+    #: exact extremes of everything added (the bins alone would round them up to a bin edge)
+    max_value: float = 0.0
+    min_value: float = 0.0
+    nonfinite_calls: int = 0
+
+    #: Above this many values per call, a strided subsample is binned and its counts weighted back.
+    MAX_SAMPLES = 1 << 22
 
     def add(self, x: np.ndarray) -> None:
-        bits = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32) >> _SHIFT
-        self.counts += np.bincount(bits, minlength=_NBINS)
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        if flat.size == 0:
+            return
+        hi, lo = float(flat.max()), float(flat.min())
+        if not (math.isfinite(hi) and math.isfinite(lo)):  # max/min propagate NaN: caught even if not sampled
+            self.nonfinite_calls += 1
+            return
+        self.max_value = max(self.max_value, hi)
+        self.min_value = min(self.min_value, lo)
+        step = -(-flat.size // self.MAX_SAMPLES)
+        sample = flat[::step] if step > 1 else flat
+        counts = np.bincount(sample.view(np.uint32) >> _SHIFT, minlength=_NBINS)
+        self.counts += counts * step if step > 1 else counts
 
     def merge(self, other: Histogram) -> Histogram:
-        return Histogram(self.counts + other.counts)
+        return Histogram(self.counts + other.counts, max(self.max_value, other.max_value),
+                         min(self.min_value, other.min_value))
 
     @property
     def total(self) -> int:
@@ -143,7 +162,7 @@ class Histogram:
 
     @property
     def nonfinite(self) -> int:
-        return int(self.counts[:_HALF][_NONFINITE].sum() + self.counts[_HALF:][_NONFINITE].sum())
+        return self.nonfinite_calls + int(self.counts[:_HALF][_NONFINITE].sum() + self.counts[_HALF:][_NONFINITE].sum())
 
     @property
     def has_negative(self) -> bool:
@@ -151,9 +170,8 @@ class Histogram:
         return bool(neg[_LOWER > 0].sum() > 0)
 
     def max_abs(self, negative: bool = False) -> float:
-        side = self.counts[_HALF:] if negative else self.counts[:_HALF]
-        nz = np.nonzero(side[: _HALF] * (~_NONFINITE))[0]
-        return float(_LOWER[nz[-1]] + _WIDTH[nz[-1]]) if nz.size else 0.0
+        """Largest magnitude seen on one side (exact)."""
+        return max(-self.min_value, 0.0) if negative else max(self.max_value, 0.0)
 
     def quantile_abs(self, q: float) -> float:
         mag = self.counts[:_HALF] + self.counts[_HALF:]

@@ -1,0 +1,80 @@
+"""Stretch a bounded activation (ReLU6) so its clip bound is exactly the power-of-two grid's top.
+
+A power-of-two grid rarely ends at a clip bound: for ReLU6 at 8 bits the grid is ``2^-5 * [0, 255]``, which
+reaches 7.97, so the bound 6 needs an extra integer Clip at code 192, and codes 193-255 go unused.  Clip is
+positively homogeneous: ``Clip(a*y, 0, 6a) = a * Clip(y, 0, 6)`` for ``a > 0``.  Where a fused Clip's
+producer and all its consumers are weighted layers, the pass guarantees:
+
+* the producer's weights and bias are multiplied by ``a = top / hi`` (``top`` = the grid's largest value)
+  and every consumer's weights divided by ``a``, so the network computes the same function;
+* the clip bound becomes ``top``, so the quantizer's own saturation is the clip: no integer Clip op, and the
+  full code range spans [0, hi];
+* the activation's exponent is fixed (``meta[ACT].exp``) and its per-channel mean rescaled.
+
+This is the "absorb the non-power-of-two part of the scale into the weights" equalization: clipping ranges
+become continuous while every scale stays 2^e.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AbsorbClipRangePass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc.annotations import ACT, HIST, MEAN, WEIGHT
+from ptqc.passes.fold_batchnorm import const, new_initializer
+from ptqc.quant import int_range
+
+logger = logging.getLogger(__name__)
+
+
+class AbsorbClipRangePass(ir.passes.InPlacePass):
+    """Scale weights around fused Clip(0, hi) so that hi lands on the top of the power-of-two grid."""
+
+    def __init__(self, act_method: str = "auto"):
+        super().__init__()
+        self.act_method = act_method
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        values = [v for node in graph for v in node.outputs if ACT in v.meta]
+        group_size: dict[int, int] = {}
+        for v in values:
+            group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+        count = 0
+        for v in values:
+            act = v.meta[ACT]
+            if act.fused is None or act.clip_hi is None or act.clip_hi <= 0 or (act.clip_lo or 0) < 0:
+                continue
+            producer = act.fused.inputs[0].producer()
+            if producer is None or WEIGHT not in producer.meta or group_size[act.group] != 1:
+                continue
+            if not v.uses() or not all(WEIGHT in u.node.meta and u.idx == 0 for u in v.uses()):
+                continue
+            e = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
+            top = int_range(act.bits, act.signed)[1] * 2.0**e
+            if top <= act.clip_hi:
+                continue  # the grid already saturates below the bound: no Clip needed
+            alpha = top / act.clip_hi
+            self._scale_weights(graph, producer, alpha)
+            producer.meta[WEIGHT].bias = producer.meta[WEIGHT].bias * alpha
+            for consumer in {u.node for u in v.uses()}:
+                self._scale_weights(graph, consumer, 1.0 / alpha)
+            if len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
+                act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
+            act.clip_hi = top
+            act.exp = e
+            if MEAN in v.meta:
+                v.meta[MEAN] = v.meta[MEAN] * alpha
+            count += 1
+        logger.info("absorbed the clip range of %d activations into weights", count)
+        return ir.passes.PassResult(model, modified=bool(count))
+
+    @staticmethod
+    def _scale_weights(graph: ir.Graph, node: ir.Node, factor: float) -> None:
+        w = const(node.inputs[1])
+        name = node.name or node.outputs[0].name
+        node.replace_input_with(1, new_initializer(graph, f"{name}_W_eq", (w.astype(np.float64) * factor).astype(w.dtype)))
