@@ -61,6 +61,10 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
             alpha = top / act.clip_hi
             self._scale_weights(graph, producer, alpha)
             producer.meta[WEIGHT].bias = producer.meta[WEIGHT].bias * alpha
+            if len(producer.inputs) > 2 and producer.inputs[2] is not None:
+                b = const(producer.inputs[2])
+                name = producer.name or producer.outputs[0].name
+                producer.replace_input_with(2, new_initializer(graph, f"{name}_B_eq", (b.astype(np.float64) * alpha).astype(b.dtype)))
             for consumer in {u.node for u in v.uses()}:
                 self._scale_weights(graph, consumer, 1.0 / alpha)
             if len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:

@@ -7,6 +7,8 @@ Guarantees after the pass:
 * Memory does not grow with the number of calibration images: the model's intermediate tensors are
   exposed as extra outputs, one batch is run at a time, and only the histograms are kept.
 * NaN or Inf in any calibrated tensor stops the run with the tensor's name.
+* With ``moment_samples > 0``, every weighted layer also gets ``meta[MOMENT]``, the second moment of its
+  input patches over the first ``moment_samples`` images (for GPTQ), from the same runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ptqc import progress
-from ptqc.annotations import ACT, HIST, MEAN, WEIGHT
+from ptqc.annotations import ACT, HIST, MEAN, MOMENT, WEIGHT
+from ptqc.hessian import for_layer
 from ptqc.data import Dataset
 from ptqc.errors import PtqcError
 from ptqc.quant import Histogram
@@ -62,10 +65,11 @@ def _channel_sum(arr: np.ndarray) -> np.ndarray:
 class CalibratePass(ir.passes.InPlacePass):
     """Attach a histogram to every planned activation, from onnxruntime runs over ``data``."""
 
-    def __init__(self, data: Dataset, batch_size: int = 32):
+    def __init__(self, data: Dataset, batch_size: int = 32, moment_samples: int = 0):
         super().__init__()
         self.data = data
         self.batch_size = batch_size
+        self.moment_samples = moment_samples
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -77,6 +81,9 @@ class CalibratePass(ir.passes.InPlacePass):
         hists = {v.name: Histogram() for v in planned}
         layer_inputs = {node.inputs[0].name for node in graph if WEIGHT in node.meta}
         sums: dict[str, np.ndarray] = {}
+        moments = {}
+        if self.moment_samples:
+            moments = {node: m for node in graph if WEIGHT in node.meta and (m := for_layer(node)) is not None}
         seen = 0
         for batch in progress.batches(self.data.batches(self.batch_size), "calibrate", total=len(self.data)):
             outs = run_batch(session, input_value.name, batch, names)
@@ -87,6 +94,11 @@ class CalibratePass(ir.passes.InPlacePass):
             for name, arr in zip([input_value.name, *names], [batch, *outs]):
                 if name in layer_inputs:
                     sums[name] = sums.get(name, 0.0) + _channel_sum(arr)
+            if seen < self.moment_samples:
+                arrays = dict(zip(names, outs))
+                arrays[input_value.name] = batch
+                for node, moment in moments.items():
+                    moment.add(arrays[node.inputs[0].name][: self.moment_samples - seen])
             seen += len(batch)
         if seen == 0:
             raise PtqcError("the calibration data yielded no samples")
@@ -99,4 +111,6 @@ class CalibratePass(ir.passes.InPlacePass):
                 v.meta[MEAN] = sums[v.name] / seen
         logger.info("calibrated %d tensors on %d samples", len(planned), seen)
         model.graph.meta["ptqc.calib_samples"] = seen
+        for node, moment in moments.items():
+            node.meta[MOMENT] = moment
         return ir.passes.PassResult(model, modified=False)

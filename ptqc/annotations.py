@@ -3,6 +3,8 @@
 * ``value.meta[ACT]``: :class:`ActQuant`, set by plan_quantization, exponent filled by pot_scales.
 * ``value.meta[HIST]``: :class:`ptqc.quant.Histogram`, set by calibrate.
 * ``value.meta[MEAN]``: per-channel mean (axis 1) of a weighted layer's input, set by calibrate.
+* ``node.meta[MOMENT]``: :class:`ptqc.hessian.SecondMoment` of a weighted layer's input, set by calibrate
+  when GPTQ is on.
 * ``node.meta[WEIGHT]``: :class:`WeightQuant` on Conv/Gemm/MatMul, filled by pot_scales.
 * ``node.meta[BN]``: :class:`BnStats` on a Conv/Gemm that absorbed a BatchNormalization.
 """
@@ -16,6 +18,7 @@ import numpy as np
 ACT = "ptqc.act"
 HIST = "ptqc.hist"
 MEAN = "ptqc.mean"
+MOMENT = "ptqc.moment"
 WEIGHT = "ptqc.weight"
 BN = "ptqc.bn"
 

@@ -31,6 +31,10 @@ class QuantConfig:
     act_method: str = "auto"
     #: subtract the mean output error of weight rounding from each layer's bias
     bias_correction: bool = True
+    #: GPTQ weight rounding on the power-of-two grids (else round to nearest), from this many samples;
+    #: None = only when weights are below 8 bits (at 8 bits it cost 22 s for no measured gain)
+    gptq: bool | None = None
+    gptq_samples: int = 128
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
     absorb_clip: bool = True
 
@@ -49,6 +53,10 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}"
+
+    @property
+    def use_gptq(self) -> bool:
+        return self.gptq if self.gptq is not None else self.weight_bits < 8
 
     def as_metadata(self) -> dict[str, str]:
         return {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}

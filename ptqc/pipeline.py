@@ -25,6 +25,7 @@ from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.emit_qdq import EmitQdqPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
+from ptqc.passes.gptq_rounding import GptqRoundingPass
 from ptqc.passes.legalize_scales import LegalizeScalesPass
 from ptqc.passes.plan_quantization import PlanQuantizationPass
 from ptqc.passes.pot_scales import PotScalesPass
@@ -71,9 +72,10 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         FoldBatchNormPass(),
         GapToSumPass(),
         PlanQuantizationPass(config),
-        CalibratePass(data, config.batch_size),
+        CalibratePass(data, config.batch_size, config.gptq_samples if config.use_gptq else 0),
         *([AbsorbClipRangePass(config.act_method)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
+        *([GptqRoundingPass()] if config.use_gptq else []),
         *([BiasCorrectionPass()] if config.bias_correction else []),
         LegalizeScalesPass(config.act_method),
         EmitQdqPass(),

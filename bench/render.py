@@ -1,0 +1,71 @@
+"""Render bench JSON lines as the Markdown tables of docs/benchmarks.md.
+
+    python bench/render.py bench/results/compile.jsonl > docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+
+
+def load(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def fmt(v, nd=2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "pass" if v else "FAIL"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def main() -> None:
+    rows = load(sys.argv[1] if len(sys.argv) > 1 else "bench/results/compile.jsonl")
+    # keep the last record per (model, method, calib_images)
+    latest: OrderedDict = OrderedDict()
+    for r in rows:
+        latest[(r["model"], r["method"], r.get("calib_images"))] = r
+    rows = list(latest.values())
+    out = ["# Benchmarks", "",
+           "Produced by `python bench/bench_compile.py --rss-sweep` and rendered by `python bench/render.py`; raw",
+           "records in `bench/results/compile.jsonl`. Machine: 2 cores, no GPU; onnxruntime CPU, 2 intra-op threads.",
+           "Accuracy on the 500 images of `imagenet/val`, calibration on the first N images (sorted) of",
+           "`imagenet/calib`. `drop` = FP32 top-1 minus quantized top-1, on the same images. Latency is the median",
+           "of 30 (batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
+           "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Compile seconds and peak RSS are those",
+           "of a separate process doing only the compile (image decoding included, for both tools).", ""]
+    models = list(OrderedDict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        mrows = [r for r in rows if r["model"] == model]
+        out += [f"## {model}", "",
+                "| method | calib | top-1 | top-5 | drop | compile s | peak RSS MB | lat b1 ms | lat b32 ms | int8 convs | inspect |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mrows:
+            if "top1" not in r:
+                continue
+            out.append("| " + " | ".join([
+                r["method"], fmt(r.get("calib_images")), fmt(r.get("top1"), 1), fmt(r.get("top5"), 1),
+                fmt(r.get("drop_top1"), 1), fmt(r.get("compile_s"), 1), fmt(r.get("peak_rss_mb"), 0),
+                fmt(r.get("lat_b1_ms")), fmt(r.get("lat_b32_ms"), 1),
+                f"{r['int8_convs']}/{r['int8_convs'] + r['float_convs']}" if "int8_convs" in r else "–",
+                fmt(r.get("inspect_ok")),
+            ]) + " |")
+        sweep = [r for r in mrows if "top1" not in r]
+        if sweep:
+            out += ["", "Peak memory against the number of calibration images (w8a8):", "",
+                    "| calibration images | compile s | peak RSS MB |", "|---|---|---|"]
+            base = next((r for r in mrows if r["method"] == "ptqc-pot-w8a8" and "top1" in r), None)
+            for r in sorted(sweep + ([base] if base else []), key=lambda r: r["calib_samples"]):
+                out.append(f"| {r['calib_samples']} | {fmt(r['compile_s'], 1)} | {fmt(r['peak_rss_mb'], 0)} |")
+        out.append("")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

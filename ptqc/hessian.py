@@ -1,0 +1,179 @@
+"""Layer-wise second moments and Hessian-based rounding (GPTQ), in numpy.
+
+For a layer ``y = W x`` the output error of quantized weights ``Q`` is ``E||(Q - W) x||^2 =
+tr((Q - W) H (Q - W)^T)`` with ``H = E[x x^T]`` over the im2col patches the layer sees (per group for grouped
+and depthwise convs).  Rows (output channels) are independent given ``H``, which makes a per-row choice of
+the power-of-two exponent exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptqc.quant import int_range
+
+#: At most this many output positions per image enter H (a strided subset; the rest adds little).
+MAX_POSITIONS = 4096
+
+
+class SecondMoment:
+    """Streams ``H = E[x x^T]`` of a Conv/Gemm/MatMul's input patches, per group: shape (groups, d, d)."""
+
+    def __init__(self, op: str, w_shape: tuple[int, ...], group: int = 1, kernel=(1, 1), strides=(1, 1),
+                 pads=(0, 0, 0, 0), dilations=(1, 1)):
+        self.op = op
+        self.group = group
+        self.kernel, self.strides, self.pads, self.dilations = tuple(kernel), tuple(strides), tuple(pads), tuple(dilations)
+        d = int(np.prod(w_shape[1:])) if op == "Conv" else None
+        self.d = d
+        self.h: np.ndarray | None = None
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        """Add a batch of the layer's input (float32 products, float64 running sum)."""
+        if self.op != "Conv":
+            self._accumulate(x.reshape(x.shape[0], -1).astype(np.float32, copy=False)[None])
+        else:
+            self._accumulate(self.patches(x))
+
+    def _accumulate(self, p: np.ndarray) -> None:
+        h = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
+        self.h = h if self.h is None else self.h + h
+        self.n += p.shape[1]
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """im2col of a batch: (groups, positions, C/g * kh * kw) in the OIHW flatten order, float32.
+
+        At most MAX_POSITIONS output positions per image are kept (a regular stride over them).
+        """
+        x = x.astype(np.float32, copy=False)
+        n, c, _, _ = x.shape
+        kh, kw = self.kernel
+        sh, sw = self.strides
+        dh, dw = self.dilations
+        top, left, bottom, right = self.pads
+        g = self.group
+        cg = c // g
+        if (kh, kw) == (1, 1) and not any(self.pads):
+            sub = x[:, :, ::sh, ::sw]
+            positions = sub.shape[2] * sub.shape[3]
+            step = -(-positions // MAX_POSITIONS)
+            flat = sub.reshape(n, g, cg, positions)[:, :, :, ::step]
+            return flat.transpose(1, 0, 3, 2).reshape(g, -1, cg)
+        xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        ho = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
+        wo = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
+        stride = max(1, int(np.ceil(np.sqrt(ho * wo / MAX_POSITIONS))))  # same step along rows and columns
+        taps = [xp[:, :, ky * dh : ky * dh + (ho - 1) * sh + 1 : sh * stride,
+                       kx * dw : kx * dw + (wo - 1) * sw + 1 : sw * stride]
+                for ky in range(kh) for kx in range(kw)]
+        win = np.stack(taps, axis=-1)  # (n, c, Ho', Wo', kh*kw): one strided copy per tap
+        positions = win.shape[2] * win.shape[3]
+        win = win.reshape(n, g, cg, positions, kh * kw)
+        # -> (g, n * positions, cg * kh * kw)
+        return np.ascontiguousarray(win.transpose(1, 0, 3, 2, 4)).reshape(g, n * positions, cg * kh * kw)
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.h / max(self.n, 1)
+
+
+def for_layer(node) -> SecondMoment | None:
+    """A SecondMoment accumulator shaped for an onnx_ir Conv/Gemm/MatMul node (None if unsupported)."""
+    tensor = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if tensor is None:
+        return None
+    shape = tuple(tensor.shape)
+    if node.op_type != "Conv":
+        return SecondMoment(node.op_type, shape)
+    attrs = node.attributes
+    k = shape[2:]
+    pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
+    if len(k) != 2 or len(pads) != 4 or attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    return SecondMoment("Conv", shape, group=attrs.get_int("group", 1), kernel=k,
+                        strides=tuple(attrs.get_ints("strides", (1, 1))), pads=pads,
+                        dilations=tuple(attrs.get_ints("dilations", (1, 1))))
+
+
+def row_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per-row ``(q - w) H (q - w)^T``: w, q (g, r, d), h (g, d, d) -> (g, r)."""
+    dw = q - w
+    return np.einsum("grd,gde,gre->gr", dw, h, dw, optimize=True)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, damp: float = 0.01, block: int = 128,
+         act_order: bool = True, floor_ceil: bool = True) -> np.ndarray:
+    """GPTQ rounding on per-row power-of-two grids; returns integer codes.
+
+    w: (g, r, d) weights, h: (g, d, d) second moments, exps: (g, r) exponents; signed ``bits``.
+
+    ``floor_ceil`` keeps every code at the floor or ceiling of its original weight (AdaRound's solution
+    space): the error feedback still chooses the rounding direction, but no weight moves by more than one
+    step.  Without it, GPTQ moves weights freely along directions the calibration data never excites
+    (dead or constant channels make H nearly singular), which measured as a collapse on MobileNetV2.
+    """
+    qmin, qmax = int_range(bits, True)
+    w = np.array(w, dtype=np.float64)
+    s_full = np.exp2(exps.astype(np.float64))[:, :, None]
+    lo_all = np.clip(np.floor(w / s_full), qmin, qmax)
+    hi_all = np.clip(lo_all + 1, qmin, qmax)
+    if not floor_ceil:
+        lo_all = np.full_like(w, qmin)
+        hi_all = np.full_like(w, qmax)
+    h = np.array(h, dtype=np.float64)
+    g, r, d = w.shape
+    diag = np.einsum("gii->gi", h)
+    dead = diag <= 0
+    if dead.any():
+        gi, di = np.nonzero(dead)
+        h[gi, di, di] = 1.0
+        w[gi, :, di] = 0.0
+    perm = None
+    if act_order and g == 1:
+        perm = np.argsort(-np.einsum("gii->gi", h)[0], kind="stable")
+        w = w[:, :, perm]
+        h = h[:, perm][:, :, perm]
+        lo_all, hi_all = lo_all[:, :, perm], hi_all[:, :, perm]
+    mean_diag = np.einsum("gii->gi", h).mean(axis=1)
+    h = h + (damp * mean_diag)[:, None, None] * np.eye(d)[None]
+    hinv = np.linalg.inv(h)
+    u = np.linalg.cholesky(hinv).transpose(0, 2, 1)  # upper: hinv = u^T u
+    s = np.exp2(exps.astype(np.float64))[:, :, None]  # (g, r, 1)
+    codes = np.zeros((g, r, d), dtype=np.int64)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        w1 = w[:, :, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        for k in range(i2 - i1):
+            col = w1[:, :, k]
+            q = np.clip(np.round(col / s[:, :, 0]), lo_all[:, :, i1 + k], hi_all[:, :, i1 + k])
+            codes[:, :, i1 + k] = q
+            diag_u = u[:, i1 + k, i1 + k][:, None]
+            err = (col - q * s[:, :, 0]) / diag_u
+            w1[:, :, k:] -= err[:, :, None] * u[:, None, i1 + k, i1 + k : i2]
+            err1[:, :, k] = err
+        if i2 < d:
+            w[:, :, i2:] -= np.einsum("grb,gbe->gre", err1, u[:, i1:i2, i2:], optimize=True)
+    if perm is not None:
+        inv = np.argsort(perm)
+        codes = codes[:, :, inv]
+    return codes
+
+
+def gptq_pot(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, search: tuple[int, ...] = (-1, 0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ with each row's exponent chosen from ``exps + search`` by the H-weighted loss (RAPQ's
+    rounding-vs-clipping trade-off, exact per row).  Returns (codes, exponents)."""
+    best_codes = best_exps = best_loss = None
+    for delta in search:
+        e = exps + delta
+        codes = gptq(w, h, e, bits)
+        loss = row_loss(w, codes * np.exp2(e.astype(np.float64))[:, :, None], h)
+        if best_loss is None:
+            best_codes, best_exps, best_loss = codes, e.copy(), loss
+            continue
+        better = loss < best_loss
+        best_codes[better] = codes[better]
+        best_exps[better] = e[better]
+        best_loss = np.where(better, loss, best_loss)
+    return best_codes, best_exps

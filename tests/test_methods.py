@@ -1,0 +1,129 @@
+"""Each accuracy method lowers its own objective on a small problem."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import ptqc
+from graphs import Builder, inputs, mobilenet_like, resnet_like, run
+from ptqc import loader
+from ptqc.annotations import MEAN, WEIGHT
+from ptqc.hessian import SecondMoment, gptq, gptq_pot, row_loss
+from ptqc.passes.bias_correction import expected_output_error
+from ptqc.passes.fold_batchnorm import const
+from ptqc.quant import quantize, weight_exponents
+
+
+@pytest.fixture(scope="module")
+def layer_problem():
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(0, 1, (8000, 96)) @ rng.normal(0, 0.3, (96, 96)), 0)
+    w = rng.normal(0, 0.05, (32, 96))
+    return w, (x.T @ x / len(x))[None], x
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_layer_loss_is_below_round_to_nearest(layer_problem, bits):
+    w, h, _ = layer_problem
+    e = weight_exponents(w, bits)
+    s = np.exp2(e)[:, None]
+    rtn = row_loss(w[None], (quantize(w, e[:, None], bits, True) * s)[None], h).sum()
+    codes = gptq(w[None], h, e[None], bits)[0]
+    assert row_loss(w[None], (codes * s)[None], h).sum() < rtn
+
+
+def test_gptq_codes_stay_within_one_step_and_the_bit_range(layer_problem):
+    w, h, _ = layer_problem
+    e = weight_exponents(w, 3)
+    codes = gptq(w[None], h, e[None], 3)[0]
+    floor = np.floor(w / np.exp2(e)[:, None])
+    assert np.all((codes >= np.clip(floor, -4, 3)) & (codes <= np.clip(floor + 1, -4, 3)))
+
+
+def test_exponent_search_never_loses_to_a_fixed_exponent(layer_problem):
+    w, h, _ = layer_problem
+    e = weight_exponents(w, 2)
+    fixed = gptq(w[None], h, e[None], 2)
+    fixed_loss = row_loss(w[None], fixed * np.exp2(e)[None, :, None], h)
+    codes, exps = gptq_pot(w[None], h, e[None], 2)
+    searched = row_loss(w[None], codes * np.exp2(exps.astype(float))[:, :, None], h)
+    assert np.all(searched <= fixed_loss + 1e-12)
+
+
+def test_second_moment_equals_the_direct_patch_covariance():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (2, 4, 6, 6)).astype(np.float32)
+    sm = SecondMoment("Conv", (4, 1, 3, 3), group=4, kernel=(3, 3), pads=(1, 1, 1, 1))
+    sm.add(x)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    c = 2
+    patches = np.array([xp[n, c, i:i + 3, j:j + 3].reshape(-1) for n in range(2) for i in range(6) for j in range(6)])
+    np.testing.assert_allclose(sm.value[c], patches.T @ patches / len(patches), rtol=1e-5, atol=1e-6)
+
+
+def test_bias_correction_zeroes_the_mean_output_error():
+    """After the correction, E[W_hat x + b'] equals E[W x + b] per channel (up to float error)."""
+    model = resnet_like(3)
+    x = inputs(32, seed=7)
+    cfg = ptqc.QuantConfig(weight_bits=3, act_bits=8, calib_size=32, gptq=False)
+    irm = loader.load(model)
+    from ptqc.data import ArrayData
+    from ptqc.pipeline import build_passes
+
+    passes = build_passes(cfg, ArrayData(x))
+    names = [type(p).__name__ for p in passes]
+    for p in passes[: names.index("BiasCorrectionPass")]:
+        p(irm)
+    before = {n.name: n.meta[WEIGHT].bias.copy() for n in irm.graph if WEIGHT in n.meta}
+    passes[names.index("BiasCorrectionPass")](irm)
+    checked = 0
+    for node in irm.graph:
+        wq = node.meta.get(WEIGHT)
+        if wq is None or MEAN not in node.inputs[0].meta:
+            continue
+        w = const(node.inputs[1]).astype(np.float64)
+        shape = [1] * w.ndim
+        shape[wq.axis] = -1
+        w_hat = wq.q * np.exp2(wq.exps.reshape(shape))
+        mean_in = node.inputs[0].meta[MEAN]
+        # mean output of the float layer vs the quantized layer with the corrected bias
+        fp = expected_output_error(node, np.zeros_like(w), w, mean_in) + before[node.name]
+        q = expected_output_error(node, np.zeros_like(w), w_hat, mean_in) + wq.bias
+        np.testing.assert_allclose(q, fp, rtol=1e-9, atol=1e-9)
+        uncorrected = expected_output_error(node, np.zeros_like(w), w_hat, mean_in) + before[node.name]
+        assert np.abs(uncorrected - fp).max() > 1e-6  # there was an error to remove
+        checked += 1
+    assert checked >= 4
+
+
+def test_gptq_pass_lowers_the_summed_layer_loss_of_a_graph():
+    from ptqc.data import ArrayData
+    from ptqc.pipeline import build_passes
+
+    irm = loader.load(resnet_like(5))
+    for p in build_passes(ptqc.QuantConfig(weight_bits=3, act_bits=8, calib_size=64), ArrayData(inputs(64, seed=11))):
+        p(irm)
+    before, after = irm.graph.meta["ptqc.gptq_loss"]
+    assert after < 0.8 * before
+
+
+def test_clip_absorption_keeps_the_float_function_and_removes_integer_clips():
+    model = mobilenet_like(2)
+    calib = inputs(64, seed=3)
+    with_abs = ptqc.compile(model, calib, ptqc.QuantConfig(calib_size=64)).model
+    without = ptqc.compile(model, calib, ptqc.QuantConfig(calib_size=64, absorb_clip=False)).model
+    clips = lambda m: sum(n.op_type == "Clip" for n in m.graph.node)  # noqa: E731
+    assert clips(with_abs) < clips(without)
+    # the float graph after absorption computes the same function
+    from ptqc.data import ArrayData
+    from ptqc.passes.absorb_clip_range import AbsorbClipRangePass
+    from ptqc.pipeline import build_passes
+    from ptqc.writer import to_proto
+
+    irm = loader.load(model)
+    for p in build_passes(ptqc.QuantConfig(calib_size=64), ArrayData(calib)):
+        p(irm)
+        if isinstance(p, AbsorbClipRangePass):
+            break
+    x = inputs(8, seed=4)
+    np.testing.assert_allclose(run(to_proto(irm), x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)
