@@ -23,6 +23,15 @@ import time
 import numpy as np
 
 MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficientnet_lite0_bn": "lite"}
+
+#: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
+VARIANTS = {
+    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False),  # plain power-of-two round to nearest
+    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False),  # + compensation bias
+    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False),  # + ReLU6 range absorption
+    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True),  # + GPTQ with exponent choice
+    "default": {},
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -39,9 +48,10 @@ def worker_ptqc(args) -> dict:
     from ptqc.data import make_preprocess
 
     wb, ab = parse_shorthand(args.bits[0] if isinstance(args.bits, list) else args.bits)
+    variant = args.variants[0] if isinstance(args.variants, list) else args.variants
     start = time.perf_counter()
-    res = ptqc.compile(args.model, args.calib, ptqc.QuantConfig(wb, ab, calib_size=args.calib_size),
-                       make_preprocess(args.preprocess))
+    config = ptqc.QuantConfig(wb, ab, calib_size=args.calib_size, **VARIANTS[variant])
+    res = ptqc.compile(args.model, args.calib, config, make_preprocess(args.preprocess))
     seconds = time.perf_counter() - start
     onnx.save(res.model, args.output)
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "calib_samples": res.calib_samples,
@@ -124,6 +134,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--bits", nargs="*", default=["w8a8", "w4a8", "w4a4", "w2a4"])
     ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS),
+                    help="ptqc configurations to run (an ablation adds one method per variant).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-ort", action="store_true", help="Skip onnxruntime quantize_static.")
     ap.add_argument("--no-latency", action="store_true")
@@ -167,13 +179,15 @@ def main() -> None:
             rec.update(lat_b1_ms=latency_ms(model, 1, args.threads, 30), lat_b32_ms=latency_ms(model, 32, args.threads, 10))
         emit(rec, args.out)
         fp_rec = rec
-        runs = [(b, args.calib_size) for b in args.bits]
+        runs = [(b, args.calib_size, v) for b in args.bits for v in args.variants]
         if args.rss_sweep:
-            runs += [("w8a8", 128), ("w8a8", 1024)]
-        for bits, n_calib in runs:
-            out = os.path.join(work, f"{name}.{bits}.{n_calib}.onnx")
-            info = run_worker("ptqc", model=model, calib=calib, output=out, preprocess=pre, bits=bits, calib_size=n_calib)
-            rec = {**common, "calib_images": n_calib, "method": f"ptqc-pot-{bits}", "bits": bits,
+            runs += [("w8a8", 128, "default"), ("w8a8", 1024, "default")]
+        for bits, n_calib, variant in runs:
+            out = os.path.join(work, f"{name}.{bits}.{variant}.{n_calib}.onnx")
+            info = run_worker("ptqc", model=model, calib=calib, output=out, preprocess=pre, bits=bits,
+                              calib_size=n_calib, variants=variant)
+            label = f"ptqc-pot-{bits}" + ("" if variant == "default" else f"-{variant}")
+            rec = {**common, "calib_images": n_calib, "method": label, "bits": bits, "variant": variant,
                    "compile_s": round(info["seconds"], 2), "peak_rss_mb": round(info["peak_rss_mb"], 1),
                    "pass_seconds": info["pass_seconds"], "calib_samples": info["calib_samples"]}
             if n_calib == args.calib_size:

@@ -3,7 +3,8 @@
 With integer weights ``Q`` standing in for float weights ``W``, a layer's output shifts on average by
 ``(Q - W) E[x]`` per output channel.  The pass guarantees that, after it, each weighted layer's float bias
 is reduced by exactly that amount, with ``E[x]`` the per-channel mean of the layer's input on the
-calibration data (zero padding is ignored).  It is the first-moment, zero-cost form of ARCQ's remainder
+calibration data (zero padding is ignored).  (The reconstruct_layers pass does the same, sequentially, with
+the quantized model's input mean ``E[x~]``.)  It is the first-moment, zero-cost form of ARCQ's remainder
 compensation (empirical bias correction, Nagel et al. 2019): one int32 bias per channel, no new ops.
 """
 

@@ -35,6 +35,9 @@ class QuantConfig:
     #: None = only when weights are below 8 bits (at 8 bits it cost 22 s for no measured gain)
     gptq: bool | None = None
     gptq_samples: int = 128
+    #: what GPTQ fits: "float" (float input statistics), "asym" (quantized input -> float output), "qdrop"
+    #: (the QDrop expectation of the same); the latter two cost one more onnxruntime pass
+    gptq_target: str = "float"
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
     absorb_clip: bool = True
 
@@ -47,6 +50,8 @@ class QuantConfig:
                 )
         if self.act_method not in ("auto", "mse", "max"):
             raise PtqcError(f"unknown activation calibration method {self.act_method!r}; use auto, mse or max")
+        if self.gptq_target not in ("float", "asym", "qdrop"):
+            raise PtqcError(f"unknown GPTQ target {self.gptq_target!r}; use float, asym or qdrop")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
 

@@ -78,20 +78,21 @@ class SecondMoment:
         return self.h / max(self.n, 1)
 
 
-def for_layer(node) -> SecondMoment | None:
-    """A SecondMoment accumulator shaped for an onnx_ir Conv/Gemm/MatMul node (None if unsupported)."""
+def for_layer(node, cls: type = None) -> SecondMoment | None:
+    """A SecondMoment (or ``cls``) accumulator shaped for an onnx_ir Conv/Gemm/MatMul node (None if unsupported)."""
+    cls = cls or SecondMoment
     tensor = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
     if tensor is None:
         return None
     shape = tuple(tensor.shape)
     if node.op_type != "Conv":
-        return SecondMoment(node.op_type, shape)
+        return cls(node.op_type, shape)
     attrs = node.attributes
     k = shape[2:]
     pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
     if len(k) != 2 or len(pads) != 4 or attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return None
-    return SecondMoment("Conv", shape, group=attrs.get_int("group", 1), kernel=k,
+    return cls("Conv", shape, group=attrs.get_int("group", 1), kernel=k,
                         strides=tuple(attrs.get_ints("strides", (1, 1))), pads=pads,
                         dilations=tuple(attrs.get_ints("dilations", (1, 1))))
 
@@ -177,3 +178,51 @@ def gptq_pot(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, search: 
         best_exps[better] = e[better]
         best_loss = np.where(better, loss, best_loss)
     return best_codes, best_exps
+
+
+class PairedMoment(SecondMoment):
+    """Streams, for a layer, H~ = E[x~ x~^T], C = E[x~ x^T] and H = E[x x^T] from paired quantized (x~)
+    and float (x) inputs, plus the mean of x~ per input channel."""
+
+    def add_pair(self, x_q: np.ndarray, x: np.ndarray) -> None:
+        if self.op != "Conv":
+            pq = x_q.reshape(x_q.shape[0], -1).astype(np.float32, copy=False)[None]
+            pf = x.reshape(x.shape[0], -1).astype(np.float32, copy=False)[None]
+        else:
+            pq, pf = self.patches(x_q), self.patches(x)
+        hq = np.matmul(pq.transpose(0, 2, 1), pq).astype(np.float64)
+        c = np.matmul(pq.transpose(0, 2, 1), pf).astype(np.float64)
+        hf = np.matmul(pf.transpose(0, 2, 1), pf).astype(np.float64)
+        if self.h is None:
+            self.h, self.c, self.hf = hq, c, hf
+        else:
+            self.h, self.c, self.hf = self.h + hq, self.c + c, self.hf + hf
+        self.n += pq.shape[1]
+
+    def target(self, w: np.ndarray, mode: str = "asym", ridge: float = 0.01, min_ratio: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+        """(metric, target weights) for GPTQ.
+
+        ``asym``: metric E[x~ x~^T], target W* = W C^T H~^-1 (the weights that best map quantized inputs to
+        the float outputs).  ``qdrop``: the expectation of the same loss under QDrop's element-wise 50% mix
+        of x~ and x: metric E[xb xb^T] + diag(E[(x~ - x)^2]) / 4 with xb = (x~ + x)/2, cross E[xb x^T].
+        ``w`` is (g, r, d); returns metric (g, d, d) and target (g, r, d).
+        """
+        n = max(self.n, 1)
+        hq, c, hf = self.h / n, self.c / n, self.hf / n
+        if mode == "qdrop":
+            diff = np.einsum("gii->gi", hq) - 2 * np.einsum("gii->gi", c) + np.einsum("gii->gi", hf)
+            metric = 0.25 * (hq + c + c.transpose(0, 2, 1) + hf)
+            idx = np.arange(metric.shape[1])
+            metric[:, idx, idx] += 0.25 * np.maximum(diff, 0)
+            cross = 0.5 * (c + hf)
+        else:
+            metric, cross = hq, c
+        level = np.einsum("gii->gi", metric).mean(axis=1)
+        # keep W where there is nothing to fit (input always zero), or too few samples for a d-dim fit
+        dead = (level <= 0) | (self.n < min_ratio * metric.shape[1])
+        eye = np.eye(metric.shape[1])[None]
+        damp = (ridge * np.where(dead, 1.0, level))[:, None, None] * eye
+        # W* = W cross^T metric^-1, solved rather than inverted
+        target = np.linalg.solve(metric + damp, np.matmul(cross, w.transpose(0, 2, 1))).transpose(0, 2, 1)
+        target[dead] = w[dead]
+        return metric, target

@@ -29,6 +29,7 @@ from ptqc.passes.gptq_rounding import GptqRoundingPass
 from ptqc.passes.legalize_scales import LegalizeScalesPass
 from ptqc.passes.plan_quantization import PlanQuantizationPass
 from ptqc.passes.pot_scales import PotScalesPass
+from ptqc.passes.reconstruct_layers import ReconstructLayersPass
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,18 @@ class _Timed(ir.passes.InPlacePass):
         return result
 
 
-def _user_error(exc: BaseException) -> BaseException:
-    """The PtqcError inside the pass framework's wrapping, if there is one (else the original error)."""
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error inside the pass framework's PassError wrapping: a PtqcError if there is one, else the
+    innermost exception (a bug, whose traceback should reach the user's report intact)."""
     cause: BaseException | None = exc
+    innermost = exc
     while cause is not None:
         if isinstance(cause, PtqcError):
             return cause
+        if not isinstance(cause, ir.passes.PassError):
+            innermost = cause
         cause = cause.__cause__ or cause.__context__
-    return exc
+    return innermost
 
 
 def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]:
@@ -72,11 +77,14 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         FoldBatchNormPass(),
         GapToSumPass(),
         PlanQuantizationPass(config),
-        CalibratePass(data, config.batch_size, config.gptq_samples if config.use_gptq else 0),
+        CalibratePass(data, config.batch_size,
+                      config.gptq_samples if config.use_gptq and config.gptq_target == "float" else 0),
         *([AbsorbClipRangePass(config.act_method)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
-        *([GptqRoundingPass()] if config.use_gptq else []),
-        *([BiasCorrectionPass()] if config.bias_correction else []),
+        *([GptqRoundingPass()] if config.use_gptq and config.gptq_target == "float" else []),
+        *([ReconstructLayersPass(data, config.batch_size, config.gptq_samples, config.gptq_target)]
+          if config.use_gptq and config.gptq_target != "float" else []),
+        *([BiasCorrectionPass()] if config.bias_correction and not (config.use_gptq and config.gptq_target != "float") else []),
         LegalizeScalesPass(config.act_method),
         EmitQdqPass(),
     ]
@@ -101,7 +109,10 @@ def compile(
     try:
         manager(irm)
     except ir.passes.PassError as exc:
-        raise _user_error(exc) from None
+        inner = _unwrap(exc)
+        if isinstance(inner, PtqcError):
+            raise inner from None
+        raise inner
     samples = int(irm.graph.meta.get("ptqc.calib_samples", 0))
     irm.metadata_props.update(config.as_metadata())
     irm.metadata_props["ptqc.version"] = ptqc.__version__

@@ -1,0 +1,177 @@
+"""A float simulation of the quantized model, built from the IR's annotations without changing the IR.
+
+Passes that need the quantized model's behaviour before it is written (end-to-end exponent search,
+statistics of quantized layer inputs) run this in onnxruntime.  Each planned activation gets
+``QuantizeLinear -> DequantizeLinear`` on uint8 codes with its zero point, followed by a float Clip to its
+b-bit range and fused bounds, which is exactly the emitted graph's value set.  Weights are replaced by their
+quantized values (``q * 2^e``) unless asked otherwise; biases by the corrected float bias.
+
+Activation scales can be graph *inputs* (``scale_inputs=True``): one onnxruntime session then evaluates any
+choice of exponents, fed as ``<tensor>__scale`` float32 scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+
+from ptqc.annotations import ACT, WEIGHT
+from ptqc.passes.emit_qdq import container
+from ptqc.quant import int_range
+
+
+@dataclasses.dataclass
+class Simulation:
+    proto: onnx.ModelProto
+    #: value name -> name of its scale input (when scale_inputs)
+    scale_inputs: dict[str, str]
+    input_name: str
+
+
+def planned_values(model: ir.Model) -> list[ir.Value]:
+    values = [v for v in model.graph.inputs if ACT in v.meta]
+    return values + [v for node in model.graph for v in node.outputs if ACT in v.meta]
+
+
+def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_inputs: bool = False,
+          extra_outputs: list[str] | None = None, quantize_acts: bool = True, weight_inputs: bool = False) -> Simulation:
+    """The fake-quantized float model.  ``quantize_weights`` may be a set of node names to quantize.
+
+    ``weight_inputs`` turns every weighted layer's weight and bias into graph inputs (fed with
+    :func:`weight_feed`), so one session can run any mix of float and quantized layers.
+    """
+    proto = ir.serde.serialize_model(model)
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    input_name = next(i.name for i in graph.input if i.name not in inits)
+    # weights and biases
+    for node in model.graph:
+        wq = node.meta.get(WEIGHT)
+        if wq is None or wq.q is None:
+            continue
+        if quantize_weights is not True and (not quantize_weights or node.name not in quantize_weights):
+            continue
+        shape = [1] * wq.q.ndim
+        shape[wq.axis] = -1
+        w_hat = (wq.q * np.exp2(wq.exps.reshape(shape).astype(np.float64))).astype(np.float32)
+        wname = node.inputs[1].name
+        inits[wname].CopyFrom(numpy_helper.from_array(w_hat, wname))
+        if len(node.inputs) > 2 and node.inputs[2] is not None and wq.bias is not None:
+            bname = node.inputs[2].name
+            bias = wq.bias
+            e_in = node.inputs[0].meta[ACT].exp if ACT in node.inputs[0].meta else None
+            if wq.bias_q is not None and e_in is not None:  # after legalize_scales: the int32 bias the writer emits
+                bias = wq.bias_q * np.exp2((e_in + wq.exps).astype(np.float64))
+            inits[bname].CopyFrom(numpy_helper.from_array(bias.astype(np.float32).reshape(
+                numpy_helper.to_array(inits[bname]).shape), bname))
+    scale_names: dict[str, str] = {}
+    if quantize_acts:
+        producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for inp in n.input:
+                consumers.setdefault(inp, []).append(n)
+        insert_after: dict[int, list[onnx.NodeProto]] = {}
+        front: list[onnx.NodeProto] = []
+        for v in planned_values(model):
+            act = v.meta[ACT]
+            name = v.name
+            zp, lo, hi = container(act)
+            users = list(consumers.get(name, []))
+            s_name = f"{name}__scale"
+            if scale_inputs:
+                graph.input.append(helper.make_tensor_value_info(s_name, onnx.TensorProto.FLOAT, []))
+                scale_names[name] = s_name
+            else:
+                graph.initializer.append(numpy_helper.from_array(np.array(2.0**act.exp, np.float32), s_name))
+            graph.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), f"{name}__zp"))
+            nodes = [helper.make_node("QuantizeLinear", [name, s_name, f"{name}__zp"], [f"{name}__q"]),
+                     helper.make_node("DequantizeLinear", [f"{name}__q", s_name, f"{name}__zp"], [f"{name}__dq"])]
+            qmin, qmax = int_range(act.bits, act.signed)
+            lo_v, hi_v = f"{name}__lo", f"{name}__hi"
+            if scale_inputs:
+                # the b-bit range depends on the scale: Clip(x, qmin*s, min(qmax*s, clip_hi)), computed in-graph
+                graph.initializer.extend([numpy_helper.from_array(np.array(qmin, np.float32), f"{name}__qmin"),
+                                          numpy_helper.from_array(np.array(qmax, np.float32), f"{name}__qmax")])
+                nodes += [helper.make_node("Mul", [f"{name}__qmin", s_name], [f"{name}__bottom"]),
+                          helper.make_node("Mul", [f"{name}__qmax", s_name], [f"{name}__top"])]
+                if act.clip_lo is not None and act.clip_lo > qmin * 2.0**act.exp:
+                    graph.initializer.append(numpy_helper.from_array(np.array(act.clip_lo, np.float32), f"{name}__floor"))
+                    nodes.append(helper.make_node("Max", [f"{name}__bottom", f"{name}__floor"], [lo_v]))
+                else:
+                    lo_v = f"{name}__bottom"
+                top = f"{name}__top"
+                if act.clip_hi is not None:
+                    graph.initializer.append(numpy_helper.from_array(np.array(act.clip_hi, np.float32), f"{name}__bound"))
+                    nodes.append(helper.make_node("Min", [top, f"{name}__bound"], [hi_v]))
+                else:
+                    hi_v = top
+            else:
+                s = 2.0**act.exp
+                graph.initializer.extend([numpy_helper.from_array(np.array((lo - zp) * s, np.float32), lo_v),
+                                          numpy_helper.from_array(np.array((hi - zp) * s, np.float32), hi_v)])
+            nodes.append(helper.make_node("Clip", [f"{name}__dq", lo_v, hi_v], [f"{name}__sim"]))
+            for user in users:
+                for i, inp in enumerate(user.input):
+                    if inp == name:
+                        user.input[i] = f"{name}__sim"
+            if name in producers:
+                insert_after.setdefault(producers[name], []).extend(nodes)
+            else:
+                front.extend(nodes)
+        ordered = list(front)
+        for i, n in enumerate(graph.node):
+            ordered.append(n)
+            ordered.extend(insert_after.get(i, []))
+        del graph.node[:]
+        graph.node.extend(ordered)
+    if weight_inputs:
+        movable = set()
+        for node in model.graph:
+            if WEIGHT in node.meta:
+                movable.add(node.inputs[1].name)
+                if len(node.inputs) > 2 and node.inputs[2] is not None:
+                    movable.add(node.inputs[2].name)
+        kept = [i for i in graph.initializer if i.name not in movable]
+        for i in graph.initializer:
+            if i.name in movable:
+                graph.input.append(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    existing = {o.name for o in graph.output}
+    for name in extra_outputs or []:
+        if name not in existing:
+            graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    proto.ir_version = min(max(proto.ir_version, 8), 10)
+    return Simulation(proto, scale_names, input_name)
+
+
+def scale_feed(model: ir.Model, sim: Simulation, exps: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Feed dict of the scale inputs: the annotated exponents, overridden by ``exps``."""
+    feed = {}
+    values = {v.name: v for v in planned_values(model)}
+    for name, s_name in sim.scale_inputs.items():
+        e = (exps or {}).get(name, values[name].meta[ACT].exp)
+        feed[s_name] = np.array(2.0**e, np.float32)
+    return feed
+
+
+def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
+    """Weight (and bias) of one layer as fed to a ``weight_inputs`` simulation: float, or quantized."""
+    from ptqc.passes.fold_batchnorm import const
+
+    wq = node.meta[WEIGHT]
+    w = const(node.inputs[1])
+    if quantized:
+        shape = [1] * w.ndim
+        shape[wq.axis] = -1
+        w = wq.q * np.exp2(wq.exps.reshape(shape).astype(np.float64))
+    feed = {node.inputs[1].name: np.asarray(w, np.float32)}
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = const(node.inputs[2])
+        feed[node.inputs[2].name] = (wq.bias if quantized else b).astype(np.float32).reshape(b.shape)
+    return feed
