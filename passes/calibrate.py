@@ -2,8 +2,8 @@
 
 Guarantees after the pass:
 
-* Every value with a planned quantizer (``meta[ACT]``) has ``meta[HIST]``, a fixed-size histogram of the
-  values it took on the calibration data.
+* Every value with a planned quantizer (``meta[ACT]``) has ``meta[HIST]``: the exact min/max of the values
+  it took on the calibration data, and, where its exponent rule needs one, a fixed-size histogram.
 * Memory does not grow with the number of calibration images: the model's intermediate tensors are
   exposed as extra outputs, one batch is run at a time, and only the histograms are kept.
 * NaN or Inf in any calibrated tensor stops the run with the tensor's name.
@@ -27,7 +27,7 @@ from ptqc.annotations import ACT, HIST, MEAN, MOMENT, WEIGHT
 from ptqc.hessian import for_layer
 from ptqc.data import Dataset
 from ptqc.errors import PtqcError
-from ptqc.quant import Histogram
+from ptqc.quant import Histogram, needs_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ def _channel_sum(arr: np.ndarray) -> np.ndarray:
 class CalibratePass(ir.passes.InPlacePass):
     """Attach a histogram to every planned activation, from onnxruntime runs over ``data``."""
 
-    def __init__(self, data: Dataset, batch_size: int = 32, moment_samples: int = 0):
+    def __init__(self, data: Dataset, batch_size: int = 32, moment_samples: int = 0, act_method: str = "auto"):
         super().__init__()
         self.data = data
         self.batch_size = batch_size
         self.moment_samples = moment_samples
+        self.act_method = act_method
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -79,6 +80,9 @@ class CalibratePass(ir.passes.InPlacePass):
         names = [v.name for v in planned if v is not input_value]
         session = float_session(model, names)
         hists = {v.name: Histogram() for v in planned}
+        # tensors whose exponent rule reads the histogram (a group is binned if any member needs it)
+        binned_groups = {v.meta[ACT].group for v in planned if needs_histogram(self.act_method, v.meta[ACT].bits)}
+        binned = {v.name for v in planned if v.meta[ACT].group in binned_groups}
         layer_inputs = {node.inputs[0].name for node in graph if WEIGHT in node.meta}
         sums: dict[str, np.ndarray] = {}
         moments = {}
@@ -88,9 +92,9 @@ class CalibratePass(ir.passes.InPlacePass):
         for batch in progress.batches(self.data.batches(self.batch_size), "calibrate", total=len(self.data)):
             outs = run_batch(session, input_value.name, batch, names)
             if input_value.name in hists:
-                hists[input_value.name].add(batch)
+                hists[input_value.name].add(batch, input_value.name in binned)
             for name, arr in zip(names, outs):
-                hists[name].add(arr)
+                hists[name].add(arr, name in binned)
             for name, arr in zip([input_value.name, *names], [batch, *outs]):
                 if name in layer_inputs:
                     sums[name] = sums.get(name, 0.0) + _channel_sum(arr)

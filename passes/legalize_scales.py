@@ -3,7 +3,7 @@
 Guarantees after the pass:
 
 * All values of a sharing group (MaxPool, Flatten, Reshape, Pad, Concat inputs and outputs) have one
-  exponent, chosen by least squared error on the merged histogram of the group, so those ops need no
+  exponent (pot_scales chose it; a pass that broke that is an error here), so those ops need no
   requantization at all.
 * Every weighted op has ``bias_q``: its bias as int32 at scale ``2**(e_in + e_w[c])``, the scale of its
   accumulator.  Where a bias would not fit in int32 the channel's weight exponent is raised until it does
@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc.annotations import ACT, HIST, WEIGHT
+from ptqc.annotations import ACT, WEIGHT
 from ptqc.errors import PtqcError
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.pot_scales import channel_view
@@ -35,29 +35,16 @@ INT32_MAX = 2**31 - 1
 class LegalizeScalesPass(ir.passes.InPlacePass):
     """Shared exponents for scale-sharing groups; int32 biases at the accumulator scale."""
 
-    def __init__(self, act_method: str = "auto"):
-        super().__init__()
-        self.act_method = act_method
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         values = [v for v in graph.inputs if ACT in v.meta]
         values += [v for node in graph for v in node.outputs if ACT in v.meta]
-        groups: dict[int, list[ir.Value]] = {}
+        groups: dict[int, set[int]] = {}
         for v in values:
-            groups.setdefault(v.meta[ACT].group, []).append(v)
-        shared = 0
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            merged = members[0].meta[HIST]
-            for v in members[1:]:
-                merged = merged.merge(v.meta[HIST])
-            act = members[0].meta[ACT]
-            exp = merged.best_exponent(act.bits, act.signed, method=self.act_method)
-            for v in members:
-                v.meta[ACT].exp = exp
-            shared += 1
+            groups.setdefault(v.meta[ACT].group, set()).add(v.meta[ACT].exp)
+        split = [g for g, exps in groups.items() if len(exps) != 1]
+        if split:
+            raise PtqcError(f"internal: {len(split)} scale-sharing groups have more than one exponent")
         raised = 0
         for node in graph:
             wq = node.meta.get(WEIGHT)
@@ -67,22 +54,26 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
             if act_in is None or act_in.exp is None:
                 raise PtqcError(f"layer {node.name}: its input {node.inputs[0].name} has no quantizer")
             raised += self._bias(node, wq, act_in.exp)
-        logger.info("%d scale-sharing groups; %d channel exponents raised for int32 bias range", shared, raised)
+        logger.info("%d channel exponents raised for int32 bias range", raised)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
     def _bias(node: ir.Node, wq, e_in: int) -> int:
         w = const(node.inputs[1]).astype(np.float64)
         b = wq.bias
-        raised = 0
+        raised_rows = np.zeros(wq.exps.shape, dtype=bool)
         while True:
             bq = np.round(b * np.exp2(-(e_in + wq.exps.astype(np.float64))))
             over = np.abs(bq) > INT32_MAX
             if not over.any():
                 break
             wq.exps = wq.exps + over.astype(np.int64)
-            raised += int(over.sum())
-        if raised:
-            wq.q = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
+            raised_rows |= over
+        if raised_rows.any():
+            # re-round only the channels whose grid changed; the others keep their (e.g. GPTQ) codes
+            fresh = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
+            rows = channel_view(raised_rows, w.ndim, wq.axis)
+            wq.q = np.where(rows, fresh, wq.q)
+        raised = int(raised_rows.sum())
         wq.bias_q = bq.astype(np.int64)
         return raised

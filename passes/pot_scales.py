@@ -5,9 +5,11 @@ Guarantees after the pass:
 * Every weighted op's ``meta[WEIGHT]`` has ``exps`` (one integer per output channel) and ``q``, the weights
   rounded to nearest on the grid ``2**exps`` within the signed ``bits`` range.  Each exponent is the one with
   the least squared weight error among the no-clip exponent and five finer ones, not the max rounded up.
-* Every planned activation's ``meta[ACT].exp`` is set: by default the exponent with the least squared
-  error on its calibration histogram (rounding and clipping error both counted) below 8 bits, and the
-  no-clip exponent at 8 bits.  Exponents an earlier pass fixed are kept.
+* Every planned activation's ``meta[ACT].exp`` is set, one exponent per scale-sharing group (MaxPool,
+  Flatten, Reshape, Pad, Concat inputs and outputs), so those ops need no requantization: by default the
+  exponent with the least squared error on the group's merged calibration histogram (rounding and clipping
+  error both counted) below 8 bits, and the no-clip exponent at 8 bits.  Exponents an earlier pass fixed
+  are kept.
 """
 
 from __future__ import annotations
@@ -58,10 +60,21 @@ class PotScalesPass(ir.passes.InPlacePass):
             n_w += 1
         values = [v for v in graph.inputs if ACT in v.meta]
         values += [v for node in graph for v in node.outputs if ACT in v.meta]
+        groups: dict[int, list[ir.Value]] = {}
         for v in values:
-            act = v.meta[ACT]
-            if act.exp is None:  # an earlier pass may have fixed it
-                act.exp = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
-            n_a += 1
+            groups.setdefault(v.meta[ACT].group, []).append(v)
+        for members in groups.values():
+            fixed = [v.meta[ACT].exp for v in members if v.meta[ACT].exp is not None]
+            if fixed:  # an earlier pass fixed it
+                exp = fixed[0]
+            else:
+                merged = members[0].meta[HIST]
+                for v in members[1:]:
+                    merged = merged.merge(v.meta[HIST])
+                act = members[0].meta[ACT]
+                exp = merged.best_exponent(act.bits, act.signed, method=self.act_method)
+            for v in members:
+                v.meta[ACT].exp = exp
+            n_a += len(members)
         logger.info("chose exponents for %d weighted layers and %d activations", n_w, n_a)
         return ir.passes.PassResult(model, modified=True)

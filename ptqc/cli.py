@@ -108,10 +108,16 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
               help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
 @click.option("--no-bias-correction", is_flag=True, help="Skip the compensation bias.")
+@click.option("--no-absorb", is_flag=True, help="Keep ReLU6 bounds as integer Clips instead of rescaling weights.")
+@click.option("--gptq/--no-gptq", default=None, help="GPTQ weight rounding [default: on below 8-bit weights].")
+@click.option("--gptq-target", type=click.Choice(["float", "asym", "qdrop"]), default="float", show_default=True,
+              help="What GPTQ fits: float-input statistics, or layer by layer from the quantized input (slower).")
+@click.option("--act-search", is_flag=True,
+              help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @_preprocess_options
 @_fail_cleanly
 def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_bias_correction, preset, size, mean, std):
+            act_calib, no_bias_correction, no_absorb, gptq, gptq_target, act_search, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, parse_shorthand
@@ -123,7 +129,8 @@ def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit,
     wb = weight_bits if weight_bits is not None else wb
     ab = act_bits if act_bits is not None else ab
     config = QuantConfig(weight_bits=wb, act_bits=ab, first_last_8bit=not all_low_bit, calib_size=calib_size,
-                         batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction)
+                         batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction,
+                         absorb_clip=not no_absorb, gptq=gptq, gptq_target=gptq_target, act_search=act_search)
     if output is None:
         base = model[:-5] if model.endswith(".onnx") else model
         output = f"{base}.ptqc.onnx"

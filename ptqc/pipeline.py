@@ -30,6 +30,7 @@ from ptqc.passes.legalize_scales import LegalizeScalesPass
 from ptqc.passes.plan_quantization import PlanQuantizationPass
 from ptqc.passes.pot_scales import PotScalesPass
 from ptqc.passes.reconstruct_layers import ReconstructLayersPass
+from ptqc.passes.search_act_exponents import SearchActExponentsPass
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +79,16 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         GapToSumPass(),
         PlanQuantizationPass(config),
         CalibratePass(data, config.batch_size,
-                      config.gptq_samples if config.use_gptq and config.gptq_target == "float" else 0),
+                      config.gptq_samples if config.use_gptq and config.gptq_target == "float" else 0,
+                      config.act_method),
         *([AbsorbClipRangePass(config.act_method)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([GptqRoundingPass()] if config.use_gptq and config.gptq_target == "float" else []),
         *([ReconstructLayersPass(data, config.batch_size, config.gptq_samples, config.gptq_target)]
           if config.use_gptq and config.gptq_target != "float" else []),
         *([BiasCorrectionPass()] if config.bias_correction and not (config.use_gptq and config.gptq_target != "float") else []),
-        LegalizeScalesPass(config.act_method),
+        *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
+        LegalizeScalesPass(),
         EmitQdqPass(),
     ]
 

@@ -137,7 +137,8 @@ class Histogram:
     #: Above this many values per call, a strided subsample is binned and its counts weighted back.
     MAX_SAMPLES = 1 << 22
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, bins: bool = True) -> None:
+        """Add a batch; ``bins=False`` tracks only the exact extremes (all the no-clip rule needs)."""
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
@@ -147,6 +148,8 @@ class Histogram:
             return
         self.max_value = max(self.max_value, hi)
         self.min_value = min(self.min_value, lo)
+        if not bins:
+            return
         step = -(-flat.size // self.MAX_SAMPLES)
         sample = flat[::step] if step > 1 else flat
         counts = np.bincount(sample.view(np.uint32) >> _SHIFT, minlength=_NBINS)
@@ -242,6 +245,11 @@ def _side_error(counts: np.ndarray, s: float, clip: float) -> float:
     if clip <= 0:  # unsigned quantizer, negative side: everything clips to zero
         total = np.where(zero, 0.0, n * (a * a + a * w + w * w / 3.0))
     return float(total.sum())
+
+
+def needs_histogram(method: str, bits: int) -> bool:
+    """Whether an exponent rule reads the histogram (the no-clip rule needs only min/max)."""
+    return not (method == "max" or (method == "auto" and bits >= 8))
 
 
 def pow2_ceil_exponent(x: float) -> int:

@@ -127,3 +127,42 @@ def test_clip_absorption_keeps_the_float_function_and_removes_integer_clips():
             break
     x = inputs(8, seed=4)
     np.testing.assert_allclose(run(to_proto(irm), x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_activation_exponent_search_never_raises_the_end_to_end_error():
+    from ptqc.data import ArrayData
+    from ptqc.pipeline import build_passes
+
+    irm = loader.load(mobilenet_like(4))
+    cfg = ptqc.QuantConfig(weight_bits=4, act_bits=3, calib_size=64, act_search=True, search_samples=32)
+    for p in build_passes(cfg, ArrayData(inputs(64, seed=8))):
+        p(irm)
+    start, best, moves = irm.graph.meta["ptqc.act_search"]
+    assert best <= start
+    assert moves == 0 or best < start
+
+
+def test_bias_overflow_reraises_only_that_channel_and_keeps_the_other_codes():
+    """A channel whose int32 bias would overflow gets a coarser grid; every other channel keeps its codes
+    (a whole-layer re-rounding once silently undid GPTQ on MobileNetV1 and collapsed it at w4a8)."""
+    from ptqc.data import ArrayData
+    from ptqc.passes.legalize_scales import INT32_MAX, LegalizeScalesPass
+    from ptqc.pipeline import build_passes
+
+    irm = loader.load(resnet_like(6))
+    passes = build_passes(ptqc.QuantConfig(4, 8, calib_size=32), ArrayData(inputs(32, seed=2)))
+    for p in passes:
+        if isinstance(p, LegalizeScalesPass):
+            break
+        p(irm)
+    node = next(n for n in irm.graph if WEIGHT in n.meta and n.meta[WEIGHT].role == "")
+    wq = node.meta[WEIGHT]
+    wq.q = wq.q.copy()
+    wq.q[1:] = np.clip(wq.q[1:] + 1, -8, 7)  # codes that round-to-nearest would not produce
+    codes_before, exps_before = wq.q.copy(), wq.exps.copy()
+    wq.bias = wq.bias.copy()
+    wq.bias[0] = 1e9  # channel 0's int32 bias overflows at its current exponent
+    LegalizeScalesPass()(irm)
+    assert wq.exps[0] > exps_before[0] and np.array_equal(wq.exps[1:], exps_before[1:])
+    assert np.array_equal(wq.q[1:], codes_before[1:])
+    assert np.abs(wq.bias_q).max() <= INT32_MAX
