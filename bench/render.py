@@ -1,6 +1,6 @@
 """Render bench JSON lines as the Markdown tables of docs/benchmarks.md.
 
-    python bench/render.py bench/results/compile.jsonl > docs/benchmarks.md
+    python bench/render.py bench/results/compile.jsonl [bench/results/ablation.jsonl] > docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -64,7 +64,37 @@ def main() -> None:
             for r in sorted(sweep + ([base] if base else []), key=lambda r: r["calib_samples"]):
                 out.append(f"| {r['calib_samples']} | {fmt(r['compile_s'], 1)} | {fmt(r['peak_rss_mb'], 0)} |")
         out.append("")
+    if len(sys.argv) > 2:
+        out += ablation(load(sys.argv[2]))
     print("\n".join(out))
+
+
+def ablation(rows: list[dict]) -> list[str]:
+    """Top-1 drop per model and bit width as methods are added one at a time."""
+    order = ["rtn", "bc", "absorb", "gptq"]
+    names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
+             "gptq": "+ GPTQ, per-channel exponent (= default)"}
+    fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
+    cells: dict = {}
+    for r in rows:
+        if r.get("variant") in order and "top1" in r:
+            cells[(r["model"], r["bits"], r["variant"])] = r
+    keys = list(OrderedDict.fromkeys((m, b) for m, b, _ in cells))
+    out = ["## Ablation: methods added one at a time", "",
+           "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
+           "everywhere, first and last layers 8-bit. Produced by",
+           "`python bench/bench_compile.py --bits w4a8 w4a4 --variants rtn bc absorb gptq --no-ort --no-latency`",
+           "(run while other work shared the machine, so its seconds are only indicative).", "",
+           "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
+           "|---|---|---|" + "---|" * len(order)]
+    for model, bits in keys:
+        row = [model, bits, fmt(fp.get(model), 1)]
+        for v in order:
+            r = cells.get((model, bits, v))
+            row.append("–" if r is None else f"{r['drop_top1']:.1f} ({r['compile_s']:.0f} s)")
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
 
 
 if __name__ == "__main__":

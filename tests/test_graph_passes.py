@@ -59,3 +59,28 @@ def test_gap_not_feeding_a_linear_layer_is_kept():
     model = b.model("input", y, ["N", 3, 8, 8], ["N", 3, 8, 8])
     _, out = _apply(model, GapToSumPass())
     assert "GlobalAveragePool" in [n.op_type for n in out.graph.node]
+
+
+def test_calibration_statistics_do_not_depend_on_the_batch_split():
+    """A short last batch is padded for onnxruntime; the padding must not enter the statistics."""
+    from ptqc.annotations import ACT, HIST, MEAN
+    from ptqc.config import QuantConfig
+    from ptqc.data import ArrayData
+    from ptqc.passes.calibrate import CalibratePass
+    from ptqc.passes.plan_quantization import PlanQuantizationPass
+
+    x = inputs(30, seed=3)
+    stats = []
+    for batch in (16, 30, 7):
+        irm = loader.load(resnet_like())
+        FoldBatchNormPass()(irm)
+        PlanQuantizationPass(QuantConfig(act_bits=4))(irm)
+        CalibratePass(ArrayData(x), batch_size=batch)(irm)
+        values = [v for n in irm.graph for v in n.outputs if ACT in v.meta]
+        stats.append({v.name: (v.meta[HIST].counts.copy(), v.meta[HIST].max_value, v.meta.get(MEAN)) for v in values})
+    assert sum(int(c.sum()) for c, _, _ in stats[0].values()) > 0  # the 4-bit tensors were binned
+    for other in stats[1:]:
+        for name, (counts, mx, mean) in stats[0].items():
+            assert np.array_equal(counts, other[name][0]) and mx == other[name][1]
+            if mean is not None:
+                np.testing.assert_allclose(mean, other[name][2], rtol=1e-9)
