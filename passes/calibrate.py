@@ -42,7 +42,8 @@ def float_session(model: ir.Model, extra_outputs: list[str]) -> ort.InferenceSes
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # every intermediate tensor is an output here: without the arena, their buffers go back to the system
-    # after each batch, so peak memory is one batch's worth however many batches run
+    # after each batch, so peak memory is one batch's worth however many batches run (MobileNetV2 w8a8,
+    # 128 / 1000 images: 1470 / 1475 MB without the arena, 1735 / 2257 MB with it; about 2 s slower)
     opts.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -86,6 +87,7 @@ class CalibratePass(ir.passes.InPlacePass):
         # tensors whose exponent rule reads the histogram (a group is binned if any member needs it)
         binned_groups = {v.meta[ACT].group for v in planned if needs_histogram(self.act_method, v.meta[ACT].bits)}
         binned = {v.name for v in planned if v.meta[ACT].group in binned_groups}
+        signed = {v.name: v.meta[ACT].signed for v in planned}
         layer_inputs = {node.inputs[0].name for node in graph if WEIGHT in node.meta}
         sums: dict[str, np.ndarray] = {}
         moments = {}
@@ -93,17 +95,16 @@ class CalibratePass(ir.passes.InPlacePass):
             moments = {node: m for node in graph if WEIGHT in node.meta and (m := for_layer(node)) is not None}
         seen = 0
         for batch in progress.batches(self.data.batches(self.batch_size), "calibrate", total=len(self.data)):
-            # a short last batch is padded to the usual shape: a new shape would make onnxruntime's memory
-            # arena allocate a second set of buffers (measured: +32% peak RSS at 1000 images)
+            # a short last batch is padded to the usual shape, so every run has the same shapes
             real = len(batch)
             if real < self.batch_size:
                 batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - real, axis=0)])
             outs = [o[:real] for o in run_batch(session, input_value.name, batch, names)]
             batch = batch[:real]
             if input_value.name in hists:
-                hists[input_value.name].add(batch, input_value.name in binned)
+                hists[input_value.name].add(batch, input_value.name in binned, signed[input_value.name])
             for name, arr in zip(names, outs):
-                hists[name].add(arr, name in binned)
+                hists[name].add(arr, name in binned, signed[name])
             for name, arr in zip([input_value.name, *names], [batch, *outs]):
                 if name in layer_inputs:
                     sums[name] = sums.get(name, 0.0) + _channel_sum(arr)

@@ -137,12 +137,14 @@ class Histogram:
     #: Above this many values per call, a strided subsample is binned and its counts weighted back.
     MAX_SAMPLES = 1 << 22
 
-    def add(self, x: np.ndarray, bins: bool = True) -> None:
-        """Add a batch; ``bins=False`` tracks only the exact extremes (all the no-clip rule needs)."""
+    def add(self, x: np.ndarray, bins: bool = True, signed: bool = True) -> None:
+        """Add a batch; ``bins=False`` tracks only the exact extremes (all the no-clip rule needs), and
+        ``signed=False`` skips the minimum (a tensor the graph proves non-negative; max still catches NaN)."""
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
-        hi, lo = float(flat.max()), float(flat.min())
+        hi = float(flat.max())
+        lo = float(flat.min()) if signed else 0.0
         if not (math.isfinite(hi) and math.isfinite(lo)):  # max/min propagate NaN: caught even if not sampled
             self.nonfinite_calls += 1
             return
