@@ -13,16 +13,15 @@ Guarantees after the pass:
 
 from __future__ import annotations
 
-__all__ = ["CalibratePass", "float_session"]
+__all__ = ["CalibratePass", "float_session", "run_batch"]
 
 import logging
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-from ptqc import progress
+from ptqc import progress, runtime
 from ptqc.annotations import ACT, HIST, MEAN, MOMENT, WEIGHT
 from ptqc.hessian import for_layer
 from ptqc.data import Dataset
@@ -32,34 +31,27 @@ from ptqc.quant import Histogram, needs_histogram
 logger = logging.getLogger(__name__)
 
 
-def float_session(model: ir.Model, extra_outputs: list[str]) -> ort.InferenceSession:
-    """An onnxruntime session of the IR model with ``extra_outputs`` exposed."""
+def float_session(model: ir.Model, extra_outputs: list[str]):
+    """An onnxruntime session of the IR model with ``extra_outputs`` exposed.
+
+    Every intermediate tensor may be an output here, so the session runs without onnxruntime's memory arena:
+    buffers go back to the system after each batch and peak memory is one batch's worth however many
+    batches run (MobileNetV2 w8a8, 128 / 1000 images: 1470 / 1475 MB without the arena, 1735 / 2257 MB with
+    it; about 2 s slower).
+    """
     proto = ir.serde.serialize_model(model)
     existing = {o.name for o in proto.graph.output}
     for name in extra_outputs:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # every intermediate tensor is an output here: without the arena, their buffers go back to the system
-    # after each batch, so peak memory is one batch's worth however many batches run (MobileNetV2 w8a8,
-    # 128 / 1000 images: 1470 / 1475 MB without the arena, 1735 / 2257 MB with it; about 2 s slower)
-    opts.enable_cpu_mem_arena = False
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise PtqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    return runtime.make_session(proto, arena=False)
 
 
-def run_batch(session: ort.InferenceSession, input_name: str, batch: np.ndarray, names: list[str]) -> list:
-    try:
-        return session.run(names, {input_name: batch})
-    except Exception as exc:
-        msg = str(exc).splitlines()[0]
-        raise PtqcError(f"onnxruntime failed on a batch of shape {batch.shape}: {msg}") from None
+def run_batch(session, input_name: str, batch: np.ndarray, names: list[str]) -> list:
+    return runtime.run(session, {input_name: batch}, names)
 
 
-def _channel_sum(arr: np.ndarray) -> np.ndarray:
+def channel_sum(arr: np.ndarray) -> np.ndarray:
     """Per-channel (axis 1) sum over everything but the batch axis, summed over the batch: mean * N."""
     if arr.ndim == 2:
         return arr.sum(axis=0, dtype=np.float64)
@@ -107,7 +99,7 @@ class CalibratePass(ir.passes.InPlacePass):
                 hists[name].add(arr, name in binned, signed[name])
             for name, arr in zip([input_value.name, *names], [batch, *outs]):
                 if name in layer_inputs:
-                    sums[name] = sums.get(name, 0.0) + _channel_sum(arr)
+                    sums[name] = sums.get(name, 0.0) + channel_sum(arr)
             if seen < self.moment_samples:
                 arrays = dict(zip(names, outs))
                 arrays[input_value.name] = batch

@@ -25,15 +25,13 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from ptqc import progress, simulate
+from ptqc import progress, runtime, simulate
 from ptqc.annotations import WEIGHT
 from ptqc.data import Dataset
-from ptqc.errors import PtqcError
 from ptqc.hessian import PairedMoment, for_layer, gptq_pot, row_loss
 from ptqc.passes.bias_correction import expected_output_error
-from ptqc.passes.calibrate import _channel_sum, float_session, run_batch
+from ptqc.passes.calibrate import channel_sum, float_session, run_batch
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
 from ptqc.passes.pot_scales import channel_view
@@ -70,12 +68,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
         inputs = sorted({n.inputs[0].name for n in layers})
         sim = simulate.build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            q_session = ort.InferenceSession(sim.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise PtqcError(f"onnxruntime cannot load the simulated model: {str(exc).splitlines()[0]}") from None
+        q_session = runtime.make_session(sim.proto, what="the simulated model")
         fp_names = [n for n in inputs if n != input_value.name]
         fp_session = float_session(model, fp_names)
         weights = {}
@@ -88,14 +81,11 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
             mean_q = mean_f = 0.0
             n = 0
             for batch in self._batches():
-                try:
-                    x_q = q_session.run([f"{name}__sim"], {input_value.name: batch, **weights})[0]
-                except Exception as exc:
-                    raise PtqcError(f"onnxruntime failed on the simulated model: {str(exc).splitlines()[0]}") from None
+                x_q = runtime.run(q_session, {input_value.name: batch, **weights}, [f"{name}__sim"])[0]
                 x_f = batch if name == input_value.name else run_batch(fp_session, input_value.name, batch, [name])[0]
                 moment.add_pair(x_q, x_f)
-                mean_q = mean_q + _channel_sum(x_q)
-                mean_f = mean_f + _channel_sum(x_f)
+                mean_q = mean_q + channel_sum(x_q)
+                mean_f = mean_f + channel_sum(x_f)
                 n += len(batch)
             b, a = self._solve(node, moment)
             before, after = before + b, after + a

@@ -20,12 +20,10 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from ptqc import progress, simulate
+from ptqc import progress, runtime, simulate
 from ptqc.annotations import ACT
 from ptqc.data import Dataset
-from ptqc.errors import PtqcError
 from ptqc.passes.calibrate import float_session, run_batch
 from ptqc.quant import int_range
 
@@ -47,12 +45,7 @@ class SearchActExponentsPass(ir.passes.InPlacePass):
         if not values:
             return ir.passes.PassResult(model, modified=False)
         sim = simulate.build(model, scale_inputs=True)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(sim.proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise PtqcError(f"onnxruntime cannot load the simulated model: {str(exc).splitlines()[0]}") from None
+        session = runtime.make_session(sim.proto, what="the simulated model")
         out_name = session.get_outputs()[0].name
         fp_session = float_session(model, [])
         batches, targets = [], []
@@ -70,7 +63,7 @@ class SearchActExponentsPass(ir.passes.InPlacePass):
             feed = simulate.scale_feed(model, sim, exps)
             total = 0.0
             for x, t in zip(batches, targets):
-                y = session.run([out_name], {sim.input_name: x, **feed})[0]
+                y = runtime.run(session, {sim.input_name: x, **feed}, [out_name])[0]
                 total += float(((y - t).astype(np.float64) ** 2).sum())
             return total / norm
 

@@ -7,9 +7,8 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from ptqc import progress
+from ptqc import progress, runtime
 from ptqc.data import Dataset, ImageFolder, Preprocess, read_labels
 from ptqc.errors import PtqcError
 
@@ -24,18 +23,8 @@ class Accuracy:
         return {"top1": round(self.top1, 2), "top5": round(self.top5, 2), "n": self.n}
 
 
-def session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    if isinstance(src, str) and not os.path.exists(src):
-        raise PtqcError(f"model file not found: {src}")
-    try:
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise PtqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+def session(model: str | os.PathLike | onnx.ModelProto, threads: int | None = None):
+    return runtime.make_session(model, threads=threads)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
@@ -44,11 +33,11 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
     return int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(axis=1).sum())
 
 
-def evaluate_batches(sess: ort.InferenceSession, batches) -> Accuracy:
+def evaluate_batches(sess, batches) -> Accuracy:
     name = sess.get_inputs()[0].name
     hit1 = hit5 = n = 0
     for x, y in batches:
-        logits = sess.run(None, {name: x})[0]
+        logits = runtime.run(sess, {name: x})[0]
         logits = logits.reshape(len(x), -1)
         h1, h5 = accuracy(logits, y)
         hit1, hit5, n = hit1 + h1, hit5 + h5, n + len(y)

@@ -169,23 +169,9 @@ class Histogram:
     def nonfinite(self) -> int:
         return self.nonfinite_calls + int(self.counts[:_HALF][_NONFINITE].sum() + self.counts[_HALF:][_NONFINITE].sum())
 
-    @property
-    def has_negative(self) -> bool:
-        neg = self.counts[_HALF:]
-        return bool(neg[_LOWER > 0].sum() > 0)
-
     def max_abs(self, negative: bool = False) -> float:
         """Largest magnitude seen on one side (exact)."""
         return max(-self.min_value, 0.0) if negative else max(self.max_value, 0.0)
-
-    def quantile_abs(self, q: float) -> float:
-        mag = self.counts[:_HALF] + self.counts[_HALF:]
-        mag = np.where(_NONFINITE, 0, mag)
-        cum = np.cumsum(mag)
-        if cum[-1] == 0:
-            return 0.0
-        i = int(np.searchsorted(cum, q * cum[-1]))
-        return float(_LOWER[i] + _WIDTH[i])
 
     def mse(self, e: int, bits: int, signed: bool) -> float:
         """Mean squared quantization error of the histogrammed values on grid ``2**e``.
@@ -252,7 +238,3 @@ def _side_error(counts: np.ndarray, s: float, clip: float) -> float:
 def needs_histogram(method: str, bits: int) -> bool:
     """Whether an exponent rule reads the histogram (the no-clip rule needs only min/max)."""
     return not (method == "max" or (method == "auto" and bits >= 8))
-
-
-def pow2_ceil_exponent(x: float) -> int:
-    return int(math.ceil(math.log2(x))) if x > 0 else ZERO_ROW_EXPONENT

@@ -166,3 +166,19 @@ def test_bias_overflow_reraises_only_that_channel_and_keeps_the_other_codes():
     assert wq.exps[0] > exps_before[0] and np.array_equal(wq.exps[1:], exps_before[1:])
     assert np.array_equal(wq.q[1:], codes_before[1:])
     assert np.abs(wq.bias_q).max() <= INT32_MAX
+
+
+@pytest.mark.parametrize("target", ["asym", "qdrop"])
+def test_sequential_reconstruction_lowers_its_layer_loss_and_compiles(target):
+    from ptqc.data import ArrayData
+    from ptqc.inspect import inspect_model
+    from ptqc.pipeline import build_passes
+    from ptqc.writer import to_proto
+
+    irm = loader.load(resnet_like(7))
+    cfg = ptqc.QuantConfig(weight_bits=3, act_bits=4, calib_size=64, gptq_target=target, gptq_samples=32)
+    for p in build_passes(cfg, ArrayData(inputs(64, seed=9))):
+        p(irm)
+    before, after = irm.graph.meta["ptqc.gptq_loss"]
+    assert after < before
+    assert inspect_model(to_proto(irm)).ok

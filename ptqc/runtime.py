@@ -1,0 +1,39 @@
+"""onnxruntime sessions for ptqc: one place for the options and for turning failures into one clear line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ptqc.errors import PtqcError
+
+
+def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None = None, arena: bool = True,
+                 what: str = "the model") -> ort.InferenceSession:
+    """A CPU session for a file or a ModelProto; ``arena=False`` returns buffers to the system after each run."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        src = model.SerializeToString()
+    else:
+        src = os.fspath(model)
+        if not os.path.exists(src):
+            raise PtqcError(f"model file not found: {src}")
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise PtqcError(f"onnxruntime cannot load {what}: {str(exc).splitlines()[0]}") from None
+
+
+def run(session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items() if getattr(v, "ndim", 0) > 1)
+        raise PtqcError(f"onnxruntime failed on {shapes}: {str(exc).splitlines()[0]}") from None
