@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from ptqc import progress, runtime
-from ptqc.data import Dataset, ImageFolder, Preprocess, read_labels
+from ptqc.data import ImageFolder, Preprocess, read_labels
 from ptqc.errors import PtqcError
 
 

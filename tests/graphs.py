@@ -65,7 +65,7 @@ def resnet_like(seed: int = 0, classes: int = 10, width: int = 8, size: int = 16
     x = b.node("GlobalAveragePool", [x])
     x = b.node("Flatten", [x], axis=1)
     w = b.rng.normal(0, 0.3, (classes, 2 * width)).astype(np.float32)
-    logits = b.node("Gemm", [x, b.init("fcW", w), b.init("fcB", np.zeros(classes, np.float32))], transB=1)
+    b.node("Gemm", [x, b.init("fcW", w), b.init("fcB", np.zeros(classes, np.float32))], transB=1)
     b.nodes[-1].output[0] = "logits"
     return b.model("input", "logits", ["N", 3, size, size], ["N", classes])
 
@@ -81,9 +81,8 @@ def mobilenet_like(seed: int = 0) -> onnx.ModelProto:
     x = b.node("Clip", [b.conv(x, 16, 32, k=1), lo, hi])
     x = b.node("GlobalAveragePool", [x])
     x = b.conv(x, 32, 10, k=1)
-    out = b.node("Flatten", [x], axis=1)
+    b.node("Flatten", [x], axis=1)
     b.nodes[-1].output[0] = "logits"
-    del out
     return b.model("input", "logits", ["N", 3, 16, 16], ["N", 10])
 
 

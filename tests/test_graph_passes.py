@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from graphs import Builder, inputs, resnet_like, run
 from ptqc import loader

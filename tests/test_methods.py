@@ -1,11 +1,10 @@
 """Each accuracy method lowers its own objective on a small problem."""
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 import ptqc
-from graphs import Builder, inputs, mobilenet_like, resnet_like, run
+from graphs import inputs, mobilenet_like, resnet_like, run
 from ptqc import loader
 from ptqc.annotations import MEAN, WEIGHT
 from ptqc.hessian import SecondMoment, gptq, gptq_pot, row_loss
