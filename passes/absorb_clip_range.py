@@ -11,8 +11,10 @@ producer and all its consumers are weighted layers, the pass guarantees:
   full code range spans [0, hi];
 * the activation's exponent is fixed (``meta[ACT].exp``) and its per-channel mean rescaled.
 
-This is the "absorb the non-power-of-two part of the scale into the weights" equalization: clipping ranges
-become continuous while every scale stays 2^e.
+With ``continuous=True``, tensors below 8 bits go further: any fused Relu/Clip output between weighted layers
+gets the least-squares clipping threshold found on a continuous search (not only the 2^e * qmax values), and
+the same rescaling puts it on the grid's top.  This is the "absorb the non-power-of-two part of the scale
+into the weights" equalization: clipping ranges become continuous while every scale stays 2^e.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ logger = logging.getLogger(__name__)
 class AbsorbClipRangePass(ir.passes.InPlacePass):
     """Scale weights around fused Clip(0, hi) so that hi lands on the top of the power-of-two grid."""
 
-    def __init__(self, act_method: str = "auto"):
+    def __init__(self, act_method: str = "auto", continuous: bool = False):
         super().__init__()
         self.act_method = act_method
+        self.continuous = continuous
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -47,18 +50,28 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
         count = 0
         for v in values:
             act = v.meta[ACT]
-            if act.fused is None or act.clip_hi is None or act.clip_hi <= 0 or (act.clip_lo or 0) < 0:
+            continuous = self.continuous and act.bits < 8 and act.fused is not None and not act.signed
+            if not continuous and (act.fused is None or act.clip_hi is None or act.clip_hi <= 0 or (act.clip_lo or 0) < 0):
                 continue
             producer = act.fused.inputs[0].producer()
             if producer is None or WEIGHT not in producer.meta or group_size[act.group] != 1:
                 continue
             if not v.uses() or not all(WEIGHT in u.node.meta and u.idx == 0 for u in v.uses()):
                 continue
-            e = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
-            top = int_range(act.bits, act.signed)[1] * 2.0**e
-            if top <= act.clip_hi:
+            qmax = int_range(act.bits, act.signed)[1]
+            if continuous:
+                # the least-squares clipping threshold, anywhere (not only at 2^e * qmax), below the bound
+                bound = v.meta[HIST].best_clip(act.bits, act.signed, upper=act.clip_hi)
+                if bound <= 0:
+                    continue
+                e = int(np.ceil(np.log2(bound / qmax)))
+            else:
+                bound = act.clip_hi
+                e = v.meta[HIST].best_exponent(act.bits, act.signed, method=self.act_method)
+            top = qmax * 2.0**e
+            if top <= bound:
                 continue  # the grid already saturates below the bound: no Clip needed
-            alpha = top / act.clip_hi
+            alpha = top / bound
             self._scale_weights(graph, producer, alpha)
             producer.meta[WEIGHT].bias = producer.meta[WEIGHT].bias * alpha
             if len(producer.inputs) > 2 and producer.inputs[2] is not None:
@@ -67,7 +80,7 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
                 producer.replace_input_with(2, new_initializer(graph, f"{name}_B_eq", (b.astype(np.float64) * alpha).astype(b.dtype)))
             for consumer in {u.node for u in v.uses()}:
                 self._scale_weights(graph, consumer, 1.0 / alpha)
-            if len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
+            if act.fused.op_type == "Clip" and len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
                 act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
             act.clip_hi = top
             act.exp = e

@@ -81,7 +81,7 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         CalibratePass(data, config.batch_size,
                       config.gptq_samples if config.use_gptq and config.gptq_target == "float" else 0,
                       config.act_method),
-        *([AbsorbClipRangePass(config.act_method)] if config.absorb_clip else []),
+        *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([GptqRoundingPass()] if config.use_gptq and config.gptq_target == "float" else []),
         *([ReconstructLayersPass(data, config.batch_size, config.gptq_samples, config.gptq_target)]

@@ -188,6 +188,28 @@ class Histogram:
         err += _side_error(self.counts[_HALF:], s, -qmin * s)
         return err / total
 
+    def mse_scale(self, s: float, bits: int, signed: bool) -> float:
+        """Mean squared error on an arbitrary (not power-of-two) grid ``s``; bins are assigned by centre,
+        so it is approximate where a bin straddles a rounding midpoint."""
+        qmin, qmax = int_range(bits, signed)
+        total = self.total
+        if total == 0:
+            return 0.0
+        return (_side_error(self.counts[:_HALF], s, qmax * s) + _side_error(self.counts[_HALF:], s, -qmin * s)) / total
+
+    def best_clip(self, bits: int, signed: bool, upper: float | None = None, steps: int = 48) -> float:
+        """The clipping threshold (top of the grid) with the least squared error, searched continuously
+        between 20% and 100% of the largest value (or ``upper``, when smaller)."""
+        qmax = int_range(bits, signed)[1]
+        top = self.max_abs(False) if not signed else max(self.max_abs(False), self.max_abs(True))
+        if upper is not None:
+            top = min(top, upper)
+        if top <= 0:
+            return top
+        candidates = top * np.linspace(0.2, 1.0, steps)
+        errs = [self.mse_scale(c / qmax, bits, signed) for c in candidates]
+        return float(candidates[int(np.argmin(errs))])
+
     def best_exponent(self, bits: int, signed: bool, search: int = 10, method: str = "mse") -> int:
         """MSE-optimal power-of-two exponent, searched from the no-clip exponent downwards.
 

@@ -73,3 +73,17 @@ def test_histogram_memory_is_fixed_and_flags_nonfinite():
     h2 = Histogram()
     h2.add(big)
     assert h2.nonfinite > 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_continuous_clip_is_never_worse_than_the_best_power_of_two_range(bits):
+    rng = np.random.default_rng(3)
+    x = np.minimum(np.maximum(rng.normal(0.4, 1.0, 100_000), 0), 6).astype(np.float32)
+    h = Histogram()
+    h.add(x)
+    qmax = (1 << bits) - 1
+    clip = h.best_clip(bits, False, upper=6.0)
+    e = h.best_exponent(bits, False, method="mse")
+    direct = lambda s: float(((np.clip(np.round(x / s), 0, qmax) * s - x) ** 2).mean())  # noqa: E731
+    assert direct(clip / qmax) <= direct(2.0**e) * 1.001
+    assert 0 < clip <= 6.0
