@@ -40,9 +40,10 @@ def main() -> None:
            "of 30 (batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
            "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Compile seconds and peak RSS are those",
            "of a separate process doing only the compile (image decoding included, for both tools).",
-           "Where a configuration was measured twice, the later record is shown: the w8a8 rows and memory sweeps",
-           "were re-measured after calibration stopped using onnxruntime's memory arena (about 2 s slower, memory",
-           "flat in the image count); the low-bit rows' compile seconds predate that change.", ""]
+           "Where a configuration was measured twice, the later record is shown. All rows but w4a8 were measured",
+           "with the final code; the w4a8 rows (which continuous clipping does not affect) were measured before",
+           "calibration stopped using onnxruntime's memory arena, which added about 2 s and made memory flat in",
+           "the image count.", ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
     for model in models:
@@ -98,7 +99,7 @@ def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
     order = ["rtn", "bc", "absorb", "gptq"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
-             "gptq": "+ GPTQ, per-channel exponent (= default)"}
+             "gptq": "+ GPTQ, per-channel exponent"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
     for r in rows:
@@ -109,7 +110,8 @@ def ablation(rows: list[dict]) -> list[str]:
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
            "everywhere, first and last layers 8-bit. Produced by",
            "`python bench/bench_compile.py --bits w4a8 w4a4 --variants rtn bc absorb gptq --no-ort --no-latency`",
-           "(run while other work shared the machine, so its seconds are only indicative).", "",
+           "(run while other work shared the machine, so its seconds are only indicative). The default adds, below",
+           "8-bit activations, continuous clipping thresholds (`absorb_clip_range`): compare the per-model tables.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
            "|---|---|---|" + "---|" * len(order)]
     for model, bits in keys:
