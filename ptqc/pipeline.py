@@ -74,19 +74,19 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]:
     """The pass list, in pipeline order."""
+    float_gptq = config.use_gptq and config.gptq_target == "float"
+    # sequential reconstruction sets each layer's bias itself, so it replaces the bias correction pass
+    sequential = config.use_gptq and config.gptq_target != "float"
     return [
         FoldBatchNormPass(),
         GapToSumPass(),
         PlanQuantizationPass(config),
-        CalibratePass(data, config.batch_size,
-                      config.gptq_samples if config.use_gptq and config.gptq_target == "float" else 0,
-                      config.act_method),
+        CalibratePass(data, config.batch_size, config.gptq_samples if float_gptq else 0, config.act_method),
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
-        *([GptqRoundingPass()] if config.use_gptq and config.gptq_target == "float" else []),
-        *([ReconstructLayersPass(data, config.batch_size, config.gptq_samples, config.gptq_target)]
-          if config.use_gptq and config.gptq_target != "float" else []),
-        *([BiasCorrectionPass()] if config.bias_correction and not (config.use_gptq and config.gptq_target != "float") else []),
+        *([GptqRoundingPass()] if float_gptq else []),
+        *([ReconstructLayersPass(data, config.batch_size, config.gptq_samples, config.gptq_target)] if sequential else []),
+        *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
         EmitQdqPass(),
