@@ -19,7 +19,6 @@ import onnx_ir as ir
 
 from ptqc.annotations import MEAN, WEIGHT
 from ptqc.passes.fold_batchnorm import const
-from ptqc.passes.pot_scales import channel_view
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             if wq is None or mean_in is None or wq.q is None:
                 continue
             w = const(node.inputs[1]).astype(np.float64)
-            w_hat = wq.q * np.exp2(channel_view(wq.exps, w.ndim, wq.axis).astype(np.float64))
+            w_hat = wq.dequantized()
             wq.bias = wq.bias - expected_output_error(node, w, w_hat, mean_in)
             count += 1
         logger.info("corrected the bias of %d layers", count)

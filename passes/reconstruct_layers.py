@@ -34,7 +34,6 @@ from ptqc.passes.bias_correction import expected_output_error
 from ptqc.passes.calibrate import channel_sum, float_session, run_batch
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
-from ptqc.passes.pot_scales import channel_view
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +50,16 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         self.target = target
         self.search = (-1, 0, 1) if exponent_search else (0,)
 
-    def _batches(self):
-        seen = 0
+    def _batches(self) -> list:
+        """The first ``samples`` samples, decoded once (every layer runs over them again)."""
+        batches, seen = [], 0
         for batch in self.data.batches(self.batch_size):
             batch = batch[: self.samples - seen]
-            yield batch
+            batches.append(batch)
             seen += len(batch)
             if seen >= self.samples:
-                return
+                break
+        return batches
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -74,13 +75,14 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         weights = {}
         for node in layers:
             weights.update(simulate.layer_arrays(node, quantized=False))
+        batches = self._batches()
         before = after = 0.0
         for node in progress.steps(layers, "reconstruct", unit="layer"):
             name = node.inputs[0].name
             moment = for_layer(node, PairedMoment)
             mean_q = mean_f = 0.0
             n = 0
-            for batch in self._batches():
+            for batch in batches:
                 x_q = runtime.run(q_session, {input_value.name: batch, **weights}, [f"{name}__sim"])[0]
                 x_f = batch if name == input_value.name else run_batch(fp_session, input_value.name, batch, [name])[0]
                 moment.add_pair(x_q, x_f)
@@ -91,7 +93,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
             before, after = before + b, after + a
             wq = node.meta[WEIGHT]
             w = const(node.inputs[1]).astype(np.float64)
-            w_hat = wq.q * np.exp2(channel_view(wq.exps, w.ndim, wq.axis).astype(np.float64))
+            w_hat = wq.dequantized()
             zero = np.zeros_like(w)
             wq.bias = wq.bias - (expected_output_error(node, zero, w_hat, mean_q / n)
                                  - expected_output_error(node, zero, w, mean_f / n))
@@ -107,7 +109,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         wg, g = grouped(node, w, wq.axis)
         metric, target = moment.target(wg, self.target)
         exps = wq.exps.reshape(g, -1)
-        rtn = grouped(node, wq.q * np.exp2(channel_view(wq.exps, w.ndim, wq.axis).astype(np.float64)), wq.axis)[0]
+        rtn = grouped(node, wq.dequantized(), wq.axis)[0]
         codes, new_exps = gptq_pot(target, metric, exps, wq.bits, self.search)
         before = float(row_loss(target, rtn, metric).sum())
         after = float(row_loss(target, codes * np.exp2(new_exps.astype(np.float64))[:, :, None], metric).sum())

@@ -64,6 +64,12 @@ class WeightQuant:
     q: np.ndarray | None = None  # integer weights, same shape as the float weights
     bias_q: np.ndarray | None = None  # int32 bias at scale 2**(e_in + exps)
 
+    def dequantized(self) -> np.ndarray:
+        """The weights the quantized layer computes with: ``q * 2**exps`` per output channel (float64)."""
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return self.q * np.exp2(self.exps.reshape(shape).astype(np.float64))
+
 
 @dataclasses.dataclass
 class BnStats:

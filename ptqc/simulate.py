@@ -55,9 +55,7 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             continue
         if quantize_weights is not True and (not quantize_weights or node.name not in quantize_weights):
             continue
-        shape = [1] * wq.q.ndim
-        shape[wq.axis] = -1
-        w_hat = (wq.q * np.exp2(wq.exps.reshape(shape).astype(np.float64))).astype(np.float32)
+        w_hat = wq.dequantized().astype(np.float32)
         wname = node.inputs[1].name
         inits[wname].CopyFrom(numpy_helper.from_array(w_hat, wname))
         if len(node.inputs) > 2 and node.inputs[2] is not None and wq.bias is not None:
@@ -167,9 +165,7 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
     wq = node.meta[WEIGHT]
     w = const(node.inputs[1])
     if quantized:
-        shape = [1] * w.ndim
-        shape[wq.axis] = -1
-        w = wq.q * np.exp2(wq.exps.reshape(shape).astype(np.float64))
+        w = wq.dequantized()
     feed = {node.inputs[1].name: np.asarray(w, np.float32)}
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         b = const(node.inputs[2])
