@@ -157,6 +157,18 @@ class Histogram:
         counts = np.bincount(sample.view(np.uint32) >> _SHIFT, minlength=_NBINS)
         self.counts += counts * step if step > 1 else counts
 
+    def add_extremes(self, hi: np.ndarray, lo: np.ndarray | None, check: np.ndarray) -> None:
+        """Add the extremes of a batch reduced elsewhere (per-image maxima, minima or None for an unsigned
+        tensor); ``check`` is any reduction of the same values that NaN and Inf propagate through (a mean),
+        since max/min kernels need not propagate NaN."""
+        hi_v = float(np.max(hi))
+        lo_v = float(np.min(lo)) if lo is not None else 0.0
+        if not (math.isfinite(hi_v) and math.isfinite(lo_v) and np.isfinite(check).all()):
+            self.nonfinite_calls += 1
+            return
+        self.max_value = max(self.max_value, hi_v)
+        self.min_value = min(self.min_value, lo_v)
+
     def merge(self, other: Histogram) -> Histogram:
         return Histogram(self.counts + other.counts, max(self.max_value, other.max_value),
                          min(self.min_value, other.min_value))
