@@ -6,8 +6,11 @@ Guarantees after the pass:
   exponent (pot_scales chose it; a pass that broke that is an error here), so those ops need no
   requantization at all.
 * Every weighted op has ``bias_q``: its bias as int32 at scale ``2**(e_in + e_w[c])``, the scale of its
-  accumulator.  Where a bias would not fit in int32 the channel's weight exponent is raised until it does
-  (and the channel re-rounded), so nothing overflows silently.
+  accumulator, and below ``2**22`` in magnitude.  A bias that large belongs to a near-dead channel (BN folding
+  left weights around 2^-28 next to an O(1) bias: MobileNetV1 had biases of 2^31 accumulator LSBs and 29-bit
+  requant shifts).  Such a channel's weight exponent is raised until the bias fits (and the channel
+  re-rounded): its weights' share of the output was far below one output LSB, and the accumulator keeps the
+  headroom that int32 hardware and onnxruntime's float32 path (exact to 2^24) need.
 * Conv/Gemm/MatMul requantization ``2**(e_in + e_w[c] - e_out)`` and Add operand alignment are shifts by
   construction, since every scale is a power of two.
 """
@@ -30,6 +33,8 @@ from ptqc.quant import quantize
 logger = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
+#: largest |bias| in accumulator LSBs: leaves 2^24 - 2^22 for the products, within float32's exact range
+BIAS_LIMIT = 2**22
 
 
 class LegalizeScalesPass(ir.passes.InPlacePass):
@@ -54,7 +59,7 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
             if act_in is None or act_in.exp is None:
                 raise PtqcError(f"layer {node.name}: its input {node.inputs[0].name} has no quantizer")
             raised += self._bias(node, wq, act_in.exp)
-        logger.info("%d channel exponents raised for int32 bias range", raised)
+        logger.info("%d channel exponents raised to keep biases below 2^22 accumulator LSBs", raised)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
@@ -64,7 +69,7 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
         raised_rows = np.zeros(wq.exps.shape, dtype=bool)
         while True:
             bq = np.round(b * np.exp2(-(e_in + wq.exps.astype(np.float64))))
-            over = np.abs(bq) > INT32_MAX
+            over = np.abs(bq) >= BIAS_LIMIT
             if not over.any():
                 break
             wq.exps = wq.exps + over.astype(np.int64)
