@@ -13,6 +13,10 @@ Guarantees after the pass:
 * A fused Relu/Clip node is removed; its effect is that saturation (exact, since rounding is monotone).
 * Graph input and output names are unchanged; logits stay float.
 * Each quantized node's ``doc_string`` and ``metadata_props`` give bit widths, exponents and shifts.
+* With ``rounding="half-up"``, every requantization that shifts right gets an ``Add`` of half an accumulator
+  LSB per channel before its QuantizeLinear (0 on channels that shift left): QuantizeLinear's round-half-even
+  of ``acc + 1/2`` then never sees a tie and equals ``(acc + 2^(m-1)) >> m``, the shift hardware's rule.  It
+  costs one Add per such op, and onnxruntime no longer fuses those Convs into QLinearConv.
 """
 
 from __future__ import annotations
@@ -50,27 +54,48 @@ def _fmt_range(arr: np.ndarray) -> str:
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
+def accumulator_exps(v: ir.Value) -> np.ndarray | None:
+    """Exponent of the accumulator LSB (per output channel) of the op that produces ``v`` before its
+    requantization, from the annotations (None for a graph input)."""
+    act: ActQuant = v.meta[ACT]
+    src = act.fused.inputs[0] if act.fused is not None else v
+    node = src.producer()
+    if node is None:
+        return None
+    if WEIGHT in node.meta:
+        return node.inputs[0].meta[ACT].exp + np.asarray(node.meta[WEIGHT].exps, np.int64)
+    exps = [i.meta[ACT].exp for i in node.inputs if i is not None and ACT in i.meta]
+    return np.array([min(exps)], np.int64) if exps else None
+
+
 class EmitQdqPass(ir.passes.InPlacePass):
     """Rewrite the annotated float graph into power-of-two QDQ form."""
+
+    def __init__(self, rounding: str = "half-even"):
+        super().__init__()
+        self.rounding = rounding
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         values = [v for v in graph.inputs if ACT in v.meta]
         values += [v for node in list(graph) for v in node.outputs if ACT in v.meta]
+        acc_exps = {v.name: accumulator_exps(v) for v in values} if self.rounding == "half-up" else {}
         for node in list(graph):
             if WEIGHT in node.meta:
                 self._weights(graph, node)
+        offsets = 0
         for v in values:
-            self._activation(graph, v)
+            offsets += self._activation(graph, v, acc_exps.get(v.name))
         for node in graph:
             if WEIGHT in node.meta:
                 self._document(node)
         ir.passes.common.RemoveUnusedNodesPass()(model)
-        logger.info("wrote %d activation quantizers", len(values))
+        model.metadata_props["ptqc.rounding"] = self.rounding
+        logger.info("wrote %d activation quantizers (%d half-up rounding offsets)", len(values), offsets)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
-    def _activation(graph: ir.Graph, v: ir.Value) -> None:
+    def _activation(graph: ir.Graph, v: ir.Value, acc_exp: np.ndarray | None = None) -> int:
         act: ActQuant = v.meta[ACT]
         zp, lo, hi = container(act)
         name = v.name
@@ -79,9 +104,25 @@ class EmitQdqPass(ir.passes.InPlacePass):
         uses = list(v.uses())
         fused = act.fused
         src = fused.inputs[0] if fused is not None else v
-        q = ir.node("QuantizeLinear", [src, scale, zero], name=f"{name}_QuantizeLinear")
+        new_nodes = []
+        shift = None if acc_exp is None else acc_exp - act.exp
+        if shift is not None and np.any(shift < 0):
+            half = np.where(shift < 0, np.exp2((acc_exp - 1).astype(np.float64)), 0.0).astype(np.float32)
+            rank = len(src.shape) if src.shape is not None else 0
+            if half.size > 1 or rank >= 2:
+                half = half.reshape((-1,) + (1,) * max(rank - 2, 0)) if half.size > 1 else half.reshape(())
+            offset = new_initializer(graph, f"{name}_round_half_up", half)
+            add = ir.node("Add", [src, offset], name=f"{name}_RoundHalfUp")
+            add.outputs[0].name = f"{name}_round_half_up_out"
+            add.doc_string = "ptqc: + half an accumulator LSB, so QuantizeLinear rounds ties up (shift hardware's rule)"
+            add.metadata_props["ptqc.role"] = "rounding"
+            new_nodes.append(add)
+            src_q = add.outputs[0]
+        else:
+            src_q = src
+        q = ir.node("QuantizeLinear", [src_q, scale, zero], name=f"{name}_QuantizeLinear")
         q.outputs[0].name = f"{name}_quantized"
-        new_nodes = [q]
+        new_nodes.append(q)
         codes = q.outputs[0]
         if (lo, hi) != (0, 255):
             lo_v = new_initializer(graph, f"{name}_clip_lo", np.array(lo, dtype=np.uint8))
@@ -114,6 +155,7 @@ class EmitQdqPass(ir.passes.InPlacePass):
             use.node.replace_input_with(use.idx, dq.outputs[0])
         if fused is not None:
             graph.remove(fused, safe=True)
+        return int(src_q is not src)
 
     @staticmethod
     def _weights(graph: ir.Graph, node: ir.Node) -> None:
@@ -154,7 +196,10 @@ class EmitQdqPass(ir.passes.InPlacePass):
         wq = node.meta[WEIGHT]
         e_in = node.inputs[0].producer().metadata_props.get("ptqc.exp")
         out_exp = None
-        for use in node.outputs[0].uses():
+        uses = list(node.outputs[0].uses())
+        if len(uses) == 1 and uses[0].node.metadata_props.get("ptqc.role") == "rounding":
+            uses = list(uses[0].node.outputs[0].uses())
+        for use in uses:
             if use.node.op_type == "QuantizeLinear":
                 out_exp = int(use.node.metadata_props["ptqc.exp"])
         lines = [f"ptqc: {wq.role + ' layer, ' if wq.role else ''}w{wq.bits} per-channel, input scale 2^{e_in}"]

@@ -114,10 +114,13 @@ def main(quiet: bool, verbose: bool) -> None:
               help="What GPTQ fits: float-input statistics, or layer by layer from the quantized input (slower).")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
+@click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
+              help="How requantizing shifts round: half-even (QuantizeLinear's rule) or half-up (add 2^(m-1), "
+                   "shift), which costs one Add per requantizing op.")
 @_preprocess_options
 @_fail_cleanly
 def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_bias_correction, no_absorb, gptq, gptq_target, act_search, preset, size, mean, std):
+            act_calib, no_bias_correction, no_absorb, gptq, gptq_target, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, parse_shorthand
@@ -130,7 +133,8 @@ def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit,
     ab = act_bits if act_bits is not None else ab
     config = QuantConfig(weight_bits=wb, act_bits=ab, first_last_8bit=not all_low_bit, calib_size=calib_size,
                          batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction,
-                         absorb_clip=not no_absorb, gptq=gptq, gptq_target=gptq_target, act_search=act_search)
+                         absorb_clip=not no_absorb, gptq=gptq, gptq_target=gptq_target, act_search=act_search,
+                         rounding=rounding)
     if output is None:
         base = model[:-5] if model.endswith(".onnx") else model
         output = f"{base}.ptqc.onnx"
@@ -175,6 +179,81 @@ def inspect_cmd(model, as_json, allow_non_shift):
                    f"all requantizations shifts: {not report.non_shift and not report.float_ops}")
     if report.problems or (not allow_non_shift and not report.ok):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", default=None,
+              help="Images folder, .npy or .npz of inputs [default: random inputs over the input quantizer's range].")
+@click.option("--count", type=int, default=32, show_default=True, help="Number of samples to compare on.")
+@click.option("--program", "program_dir", default=None,
+              help="Run the reference from this export-int folder instead of lowering MODEL again.")
+@click.option("--fused", is_flag=True,
+              help="Compare with onnxruntime's fused int8 kernels instead of the graph's QDQ semantics.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_preprocess_options
+@_fail_cleanly
+def verify(model, data, count, program_dir, fused, as_json, preset, size, mean, std):
+    """Check MODEL bit for bit against an integer-only reference.
+
+    The reference runs from integer weights, int32 biases and shift amounts alone; onnxruntime runs the QDQ
+    file with every quantized tensor exposed.  Exits 1 at the first differing tensor, on a possible int32
+    overflow, or where the graph is not integer (a non-power-of-two scale, a weight outside its bit width).
+    """
+    from ptqc.data import open_dataset
+    from ptqc.intprog import Program
+    from ptqc.loader import read_model
+    from ptqc.verify import random_inputs, verify as run_verify
+
+    proto = read_model(model)
+    program = Program.load(program_dir) if program_dir else None
+    if data:
+        import numpy as np
+
+        ds = open_dataset(data, _make_pre(preset, size, mean, std), limit=count)
+        x = np.concatenate(list(ds.batches(16)))
+    else:
+        from ptqc.intprog import LoweringError, lower
+
+        try:
+            x = random_inputs(proto, program or lower(proto), count)
+        except LoweringError as exc:
+            x = None
+            lowering_error = str(exc)
+    if x is None:
+        report_dict = {"ok": False, "errors": [lowering_error]}
+        click.echo(json.dumps(report_dict) if as_json else f"FAIL: {lowering_error}")
+        sys.exit(1)
+    report = run_verify(proto, x, program, fuse=fused)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1))
+    else:
+        for msg in report.warnings:
+            click.echo(f"warning: {msg}")
+        for msg in report.errors:
+            click.echo(f"FAIL: {msg}")
+        if report.mismatch is not None:
+            click.echo(f"FAIL: {report.mismatch} ({report.mismatched_tensors} of {report.tensors} tensors differ)")
+        if report.samples:
+            floats = ", ".join(f"{k} max |diff| {v:g}" for k, v in report.float_outputs.items())
+            click.echo(f"{'PASS' if report.ok else 'FAIL'}: {report.tensors} quantized tensors, {report.samples} samples, "
+                       f"{report.compared_values} values compared, rounding {report.rounding}"
+                       f"{', float outputs: ' + floats if floats else ''}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command(name="export-int")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, help="Folder to write program.json and arrays.npz into.")
+@_fail_cleanly
+def export_int(model, output):
+    """Write MODEL's integer program for hardware flows: integer weights, int32 biases, shift amounts,
+    bit widths and zero points per layer (arrays.npz) and the layer graph (program.json)."""
+    from ptqc.export import export_program
+
+    summary = export_program(model, output)
+    click.echo(summary)
 
 
 @main.command(name="eval")

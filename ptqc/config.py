@@ -49,6 +49,9 @@ class QuantConfig:
     continuous_clip: bool = True
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
     absorb_clip: bool = True
+    #: how a requantizing right shift rounds: "half-even" (QuantizeLinear's own rule, no extra ops) or
+    #: "half-up" (add 2^(m-1), then shift: what shift hardware usually does; one Add per requantizing op)
+    rounding: str = "half-even"
 
     def __post_init__(self) -> None:
         for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
@@ -61,6 +64,8 @@ class QuantConfig:
             raise PtqcError(f"unknown activation calibration method {self.act_method!r}; use auto, mse or max")
         if self.gptq_target not in ("float", "asym", "qdrop"):
             raise PtqcError(f"unknown GPTQ target {self.gptq_target!r}; use float, asym or qdrop")
+        if self.rounding not in ("half-even", "half-up"):
+            raise PtqcError(f"unknown rounding rule {self.rounding!r}; use half-even or half-up")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
 

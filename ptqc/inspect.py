@@ -112,7 +112,17 @@ class _Graph:
         p = self.producer.get(name)
         return p if p is not None and p.op_type == "DequantizeLinear" else None
 
+    def is_rounding_add(self, n: onnx.NodeProto) -> bool:
+        """An Add of a constant whose only reader is a QuantizeLinear: the half-up rounding offset."""
+        if n.op_type != "Add" or len(n.input) != 2 or not any(self.array(i) is not None for i in n.input):
+            return False
+        users = self.consumers.get(n.output[0], [])
+        return len(users) == 1 and users[0].op_type == "QuantizeLinear"
+
     def q_after(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        if len(users) == 1 and self.is_rounding_add(users[0]):
+            name = users[0].output[0]
         for c in self.consumers.get(name, []):
             if c.op_type == "QuantizeLinear":
                 return c
@@ -208,6 +218,9 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             continue
         if n.op_type == "Clip" and g.producer.get(n.input[0]) is not None and g.producer[n.input[0]].op_type == "QuantizeLinear":
             extra["Clip (integer saturation)"] += 1
+            continue
+        if g.is_rounding_add(n):
+            extra["Add (half-up rounding offset)"] += 1
             continue
         float_in = [i for i in n.input if i and g.array(i) is None and _is_float(model, g, i)]
         if not float_in or n.op_type in ("Shape", "Size"):

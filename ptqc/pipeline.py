@@ -89,7 +89,7 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
-        EmitQdqPass(),
+        EmitQdqPass(config.rounding),
     ]
 
 

@@ -12,10 +12,14 @@ from ptqc.errors import PtqcError
 
 
 def make_session(model: str | os.PathLike | onnx.ModelProto, *, threads: int | None = None, arena: bool = True,
-                 what: str = "the model") -> ort.InferenceSession:
-    """A CPU session for a file or a ModelProto; ``arena=False`` returns buffers to the system after each run."""
+                 what: str = "the model", fuse: bool = True) -> ort.InferenceSession:
+    """A CPU session for a file or a ModelProto; ``arena=False`` returns buffers to the system after each run;
+    ``fuse=False`` stops at onnxruntime's basic optimizations, so QDQ groups are not fused into its int8
+    kernels and the graph runs with the ONNX operators' own semantics."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not fuse:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
