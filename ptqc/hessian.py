@@ -36,19 +36,22 @@ class SecondMoment:
     def add(self, x: np.ndarray) -> None:
         """Add a batch of the layer's input (float32 products, float64 running sum)."""
         if self.op != "Conv":
-            self._accumulate(x.reshape(x.shape[0], -1).astype(np.float32, copy=False)[None])
+            self._accumulate(x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None])
         else:
             self._accumulate(self.patches(x))
 
     def _accumulate(self, p: np.ndarray) -> None:
-        h = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
+        h = np.matmul(p, p.transpose(0, 2, 1)).astype(np.float64)
         self.h = h if self.h is None else self.h + h
-        self.n += p.shape[1]
+        self.n += p.shape[2]
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """im2col of a batch: (groups, positions, C/g * kh * kw) in the OIHW flatten order, float32.
+        """im2col of a batch, transposed: (groups, C/g * kh * kw, samples) with rows in the OIHW flatten
+        order, float32.
 
-        At most ``max_positions`` output positions per image are kept (a regular stride over them).
+        At most ``max_positions`` output positions per image are kept (a regular stride over them).  Each
+        tap is copied out whole and the rows are gathered in blocks of contiguous samples: interleaving the
+        taps element by element cost 0.8 s per 5x5 depthwise layer of EfficientNet-Lite0.
         """
         x = x.astype(np.float32, copy=False)
         n, c, _, _ = x.shape
@@ -63,19 +66,18 @@ class SecondMoment:
             positions = sub.shape[2] * sub.shape[3]
             step = -(-positions // self.max_positions)
             flat = sub.reshape(n, g, cg, positions)[:, :, :, ::step]
-            return flat.transpose(1, 0, 3, 2).reshape(g, -1, cg)
+            return np.ascontiguousarray(flat.transpose(1, 2, 0, 3)).reshape(g, cg, -1)
         xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
         ho = (xp.shape[2] - (kh - 1) * dh - 1) // sh + 1
         wo = (xp.shape[3] - (kw - 1) * dw - 1) // sw + 1
         stride = max(1, int(np.ceil(np.sqrt(ho * wo / self.max_positions))))  # same step along rows and columns
-        taps = [xp[:, :, ky * dh : ky * dh + (ho - 1) * sh + 1 : sh * stride,
-                       kx * dw : kx * dw + (wo - 1) * sw + 1 : sw * stride]
-                for ky in range(kh) for kx in range(kw)]
-        win = np.stack(taps, axis=-1)  # (n, c, Ho', Wo', kh*kw): one strided copy per tap
-        positions = win.shape[2] * win.shape[3]
-        win = win.reshape(n, g, cg, positions, kh * kw)
-        # -> (g, n * positions, cg * kh * kw)
-        return np.ascontiguousarray(win.transpose(1, 0, 3, 2, 4)).reshape(g, n * positions, cg * kh * kw)
+        taps = np.stack([xp[:, :, ky * dh : ky * dh + (ho - 1) * sh + 1 : sh * stride,
+                               kx * dw : kx * dw + (wo - 1) * sw + 1 : sw * stride]
+                         for ky in range(kh) for kx in range(kw)])  # (taps, n, c, Ho', Wo')
+        positions = taps.shape[3] * taps.shape[4]
+        taps = taps.reshape(kh * kw, n, g, cg, positions)
+        # -> (g, cg, taps, n, positions) -> (g, cg * kh * kw, n * positions)
+        return np.ascontiguousarray(taps.transpose(2, 3, 0, 1, 4)).reshape(g, cg * kh * kw, n * positions)
 
     @property
     def value(self) -> np.ndarray:
@@ -190,18 +192,18 @@ class PairedMoment(SecondMoment):
 
     def add_pair(self, x_q: np.ndarray, x: np.ndarray) -> None:
         if self.op != "Conv":
-            pq = x_q.reshape(x_q.shape[0], -1).astype(np.float32, copy=False)[None]
-            pf = x.reshape(x.shape[0], -1).astype(np.float32, copy=False)[None]
+            pq = x_q.reshape(x_q.shape[0], -1).astype(np.float32, copy=False).T[None]
+            pf = x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None]
         else:
             pq, pf = self.patches(x_q), self.patches(x)
-        hq = np.matmul(pq.transpose(0, 2, 1), pq).astype(np.float64)
-        c = np.matmul(pq.transpose(0, 2, 1), pf).astype(np.float64)
-        hf = np.matmul(pf.transpose(0, 2, 1), pf).astype(np.float64)
+        hq = np.matmul(pq, pq.transpose(0, 2, 1)).astype(np.float64)
+        c = np.matmul(pq, pf.transpose(0, 2, 1)).astype(np.float64)
+        hf = np.matmul(pf, pf.transpose(0, 2, 1)).astype(np.float64)
         if self.h is None:
             self.h, self.c, self.hf = hq, c, hf
         else:
             self.h, self.c, self.hf = self.h + hq, self.c + c, self.hf + hf
-        self.n += pq.shape[1]
+        self.n += pq.shape[2]
 
     def target(self, w: np.ndarray, mode: str = "asym", ridge: float = 0.01, min_ratio: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
         """(metric, target weights) for GPTQ.
