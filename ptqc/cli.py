@@ -109,7 +109,7 @@ def main(quiet: bool, verbose: bool) -> None:
               help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
 @click.option("--no-bias-correction", is_flag=True, help="Skip the compensation bias.")
 @click.option("--no-absorb", is_flag=True, help="Keep ReLU6 bounds as integer Clips instead of rescaling weights.")
-@click.option("--gptq/--no-gptq", default=None, help="GPTQ weight rounding [default: on below 8-bit weights].")
+@click.option("--gptq/--no-gptq", default=None, help="GPTQ weight rounding on the power-of-two grids [default: on].")
 @click.option("--gptq-target", type=click.Choice(["float", "asym", "qdrop"]), default="float", show_default=True,
               help="What GPTQ fits: float-input statistics, or layer by layer from the quantized input (slower).")
 @click.option("--act-search", is_flag=True,

@@ -31,10 +31,13 @@ class QuantConfig:
     act_method: str = "auto"
     #: subtract the mean output error of weight rounding from each layer's bias
     bias_correction: bool = True
-    #: GPTQ weight rounding on the power-of-two grids (else round to nearest), from this many samples;
-    #: None = only when weights are below 8 bits (at 8 bits it cost 22 s for no measured gain)
+    #: GPTQ weight rounding on the power-of-two grids (else round to nearest); None = on.  At 8 bits it
+    #: raised top-1 agreement with FP32 on 744 held-back images (MobileNetV2 96.1 -> 96.9%, MobileNetV1
+    #: 96.0 -> 96.6%, EfficientNet-Lite0 97.5 -> 97.9%) and logit SNR by 0.7-1.7 dB (bench/fidelity.py)
     gptq: bool | None = None
-    gptq_samples: int = 128
+    #: images GPTQ's second moments come from; None = 128 below 8-bit weights, 32 at 8 bits (rounding
+    #: errors are small there, and 32 keeps the compile faster than onnxruntime's quantize_static)
+    gptq_samples: int | None = None
     #: what GPTQ fits: "float" (float input statistics), "asym" (quantized input -> float output), "qdrop"
     #: (the QDrop expectation of the same); the latter two cost one more onnxruntime pass
     gptq_target: str = "float"
@@ -79,7 +82,13 @@ class QuantConfig:
 
     @property
     def use_gptq(self) -> bool:
-        return self.gptq if self.gptq is not None else self.weight_bits < 8
+        return self.gptq if self.gptq is not None else True
+
+    @property
+    def moment_samples(self) -> int:
+        if self.gptq_samples is not None:
+            return self.gptq_samples
+        return 128 if self.weight_bits < 8 else 32
 
     def as_metadata(self) -> dict[str, str]:
         return {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
