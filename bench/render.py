@@ -1,6 +1,8 @@
 """Render bench JSON lines as the Markdown tables of docs/benchmarks.md.
 
-    python bench/render.py bench/results/compile.jsonl [bench/results/ablation.jsonl] > docs/benchmarks.md
+    python bench/render.py bench/results/compile.jsonl [bench/results/ablation.jsonl] [bench/results/verify.jsonl] > docs/benchmarks.md
+
+Extra files are told apart by their records: verification records carry an "onnxruntime" key.
 """
 
 from __future__ import annotations
@@ -69,9 +71,34 @@ def main() -> None:
             for r in sorted(sweep + ([base] if base else []), key=lambda r: r["calib_samples"]):
                 out.append(f"| {r['calib_samples']} | {fmt(r['compile_s'], 1)} | {fmt(r['peak_rss_mb'], 0)} |")
         out.append("")
-    if len(sys.argv) > 2:
-        out += ablation(load(sys.argv[2]))
+    for path in sys.argv[2:]:
+        extra = load(path)
+        out += verification(extra) if extra and "onnxruntime" in extra[0] else ablation(extra)
     print("\n".join(out))
+
+
+def verification(rows: list[dict]) -> list[str]:
+    """Integer verification per model, bit width and rounding: against ORT's QDQ semantics and its fused kernels."""
+    latest: OrderedDict = OrderedDict()
+    for r in rows:
+        latest[(r["model"], r["bits"], r["rounding"], r["onnxruntime"])] = r
+    out = ["## Integer verification", "",
+           "Produced by `python bench/bench_verify.py`: each model compiled on 256 calib images, then `ptqc verify`",
+           "on the next 32 (never calibrated on). `QDQ` = onnxruntime running the graph as ONNX defines it (no QDQ",
+           "fusion); `fused` = its default int8 kernels (u8 x s8 pairs saturate at int16 on this AVX2 CPU without",
+           "VNNI; see docs/integer.md). `values` = integer codes compared. Half-up models are not fused, hence",
+           "their batch-32 latency.", "",
+           "| model | bits | rounding | values | QDQ: bit-exact | fused: bit-exact | fused: first difference | b32 ms |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (model, bits, rounding, kind), r in latest.items():
+        if kind != "qdq":
+            continue
+        f = latest.get((model, bits, rounding, "fused"), {})
+        out.append(f"| {model} | {bits} | {rounding} | {r['values']:,} | {'yes' if r['ok'] else 'NO'} | "
+                   f"{'yes' if f.get('ok') else 'no' if f else '–'} | {f.get('first_mismatch') or '–'} | "
+                   f"{fmt(r.get('lat_b32_ms'), 0)} |")
+    out.append("")
+    return out
 
 
 def summary(rows: list[dict], models: list[str]) -> list[str]:

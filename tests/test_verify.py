@@ -163,3 +163,14 @@ def test_export_refuses_a_foreign_folder_and_leaves_no_temp(tmp_path, resnet_w4a
     assert res.exit_code == 2 and res.output.startswith("error:")
     assert (other / "keep.txt").read_text() == "mine"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".ptqc-export-")]
+
+
+def test_half_up_offsets_are_declared_by_inspect(resnet_w4a4_up):
+    from ptqc.inspect import inspect_model
+
+    report = inspect_model(resnet_w4a4_up)
+    adds = [n for n in resnet_w4a4_up.graph.node if any(p.key == "ptqc.role" and p.value == "rounding" for p in n.metadata_props)]
+    assert report.ok and len(adds) >= 4
+    assert report.extra_ops["Add (half-up rounding offset)"] == len(adds)
+    meta = {p.key: p.value for p in resnet_w4a4_up.metadata_props}
+    assert meta["ptqc.rounding"] == meta["ptqc.config.rounding"] == "half-up"
