@@ -176,6 +176,9 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 data = node.inputs[0]
                 if data in bits_of:
                     bits_of[data] = 8
+            if (bits == 8 and role == "first" and self.config.pair_safe_first and bits_of.get(node.inputs[0]) == 8
+                    and not unsigned.get(node.inputs[0], False)):
+                bits = 7  # |w| <= 64: 255 * (64 + 64) fits int16, so onnxruntime's u8 x s8 pairs cannot saturate
             node.meta[WEIGHT] = WeightQuant(bits=bits, axis=axis, role=role, bias=self._bias(node, axis))
 
         # sharing groups

@@ -107,6 +107,9 @@ def main(quiet: bool, verbose: bool) -> None:
               help="Calibration batch size (peak memory grows with it, not with --calib-size).")
 @click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
               help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
+@click.option("--no-pair-safe", is_flag=True,
+              help="Give the first layer full 8-bit weights; onnxruntime's int8 kernel on CPUs without VNNI may "
+                   "then saturate there (docs/integer.md).")
 @click.option("--no-bias-correction", is_flag=True, help="Skip the compensation bias.")
 @click.option("--no-absorb", is_flag=True, help="Keep ReLU6 bounds as integer Clips instead of rescaling weights.")
 @click.option("--gptq/--no-gptq", default=None, help="GPTQ weight rounding on the power-of-two grids [default: on].")
@@ -120,7 +123,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @_preprocess_options
 @_fail_cleanly
 def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_bias_correction, no_absorb, gptq, gptq_target, act_search, rounding, preset, size, mean, std):
+            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, parse_shorthand
@@ -134,7 +137,7 @@ def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit,
     config = QuantConfig(weight_bits=wb, act_bits=ab, first_last_8bit=not all_low_bit, calib_size=calib_size,
                          batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction,
                          absorb_clip=not no_absorb, gptq=gptq, gptq_target=gptq_target, act_search=act_search,
-                         rounding=rounding)
+                         rounding=rounding, pair_safe_first=not no_pair_safe)
     if output is None:
         base = model[:-5] if model.endswith(".onnx") else model
         output = f"{base}.ptqc.onnx"

@@ -24,6 +24,11 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     first_last_8bit: bool = True
+    #: keep 8-bit weights of a layer with a signed 8-bit input within +-64 (a 7-bit grid) when that input is
+    #: a graph input, i.e. the first layer: onnxruntime's AVX2 u8 x s8 kernel sums products in int16 pairs
+    #: with saturation, and a signed input sits around 128 in its uint8 container, so full-range weights
+    #: saturate there and onnxruntime stops computing what integer hardware computes (docs/integer.md)
+    pair_safe_first: bool = True
     calib_size: int = 256
     batch_size: int = 16
     #: activation exponent rule: "mse" (least squared error on the histogram), "max" (no clipping), or

@@ -80,8 +80,8 @@ def saturation_risks(program: Program) -> list[str]:
     32767 / (largest uint8 container value of the input)."""
     out = []
     for step in program.steps:
-        if step.op not in ("Conv", "Gemm"):
-            continue
+        if step.op not in ("Conv", "Gemm") or step.kind != "codes":
+            continue  # a layer with a float output is not fused into an int8 kernel
         x = program.tensors[step.inputs[0]]
         top = x.hi + x.zero_point  # largest uint8 value the kernel sees
         w = np.abs(program.arrays[step.consts["w"]].astype(np.int64)).reshape(len(program.arrays[step.consts["w"]]), -1)

@@ -72,7 +72,7 @@ def test_export_round_trip_runs_the_same(tmp_path, resnet_w4a4_up):
     manifest = json.loads((tmp_path / "int" / "program.json").read_text())
     assert manifest["format"] == "ptqc-int/1" and manifest["rounding"] == "half-up"
     conv = next(s for s in manifest["steps"] if s["op"] == "Conv")
-    assert conv["attrs"]["weight_bits"] == 8 and "w" in conv["consts"]  # the first layer stays 8-bit
+    assert conv["attrs"]["weight_bits"] == 7 and "w" in conv["consts"]  # first layer: 8-bit policy, pair-safe grid
     loaded = Program.load(str(tmp_path / "int"))
     direct = lower(resnet_w4a4_up)
     a = Executor(loaded).run({"input": X}).values
@@ -174,3 +174,18 @@ def test_half_up_offsets_are_declared_by_inspect(resnet_w4a4_up):
     assert report.extra_ops["Add (half-up rounding offset)"] == len(adds)
     meta = {p.key: p.value for p in resnet_w4a4_up.metadata_props}
     assert meta["ptqc.rounding"] == meta["ptqc.config.rounding"] == "half-up"
+
+
+def test_first_layer_is_pair_safe_so_fused_onnxruntime_is_exact_too():
+    """The first layer reads a signed 8-bit input (uint8 codes around 128): its weights stay within +-64, so
+    onnxruntime's u8 x s8 int16 pair sums cannot saturate and its fused QLinearConv computes the integer
+    result too (on CPUs with VNNI this holds anyway)."""
+    model = _compile(resnet_like(4), 4, 4)
+    program = lower(model)
+    first = next(s for s in program.steps if s.op == "Conv")
+    w = program.arrays[first.consts["w"]]
+    assert first.attrs["weight_bits"] == 7 and w.min() >= -64 and w.max() <= 63
+    x = np.clip(np.random.default_rng(3).normal(0, 0.9, (16, 3, 16, 16)), -1, 1).astype(np.float32)
+    report = verify(model, x, fuse=True)
+    assert report.ok, (report.mismatch, report.errors)
+    assert not any(first.name in w for w in report.warnings)
