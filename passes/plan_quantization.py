@@ -37,7 +37,8 @@ from ptqc.annotations import (
     ActQuant,
     WeightQuant,
 )
-from ptqc.config import QuantConfig
+from ptqc.config import QuantConfig, layer_widths
+from ptqc.errors import PtqcError
 from ptqc.passes.fold_batchnorm import const, new_initializer
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,11 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
 
         first, last = self._first_last(graph, nodes, weighted)
         bits_of: dict[ir.Value, int] = {v: self.config.act_bits for v in planned}
+        unknown = sorted(set(self.config.layer_bits) - {n.name for n in weighted})
+        if unknown:
+            raise PtqcError(f"no quantizable layer named {unknown[0]!r}; `ptqc inspect` on a compiled model, or "
+                            f"`ptqc sensitivity`, lists the layer names")
+        overridden: set[ir.Value] = set()
         for node, axis in weighted.items():
             role = "first" if node in first else "last" if node in last else ""
             bits = self.config.weight_bits
@@ -176,6 +182,13 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 data = node.inputs[0]
                 if data in bits_of:
                     bits_of[data] = 8
+            if node.name in self.config.layer_bits:
+                bits, a_bits = layer_widths(self.config.layer_bits[node.name])
+                data = node.inputs[0]
+                if data in bits_of:
+                    # a tensor read by several overridden layers takes the widest request
+                    bits_of[data] = max(bits_of[data], a_bits) if data in overridden else a_bits
+                    overridden.add(data)
             if (bits == 8 and role == "first" and self.config.pair_safe_first and bits_of.get(node.inputs[0]) == 8
                     and not unsigned.get(node.inputs[0], False)):
                 bits = 7  # |w| <= 64: 255 * (64 + 64) fits int16, so onnxruntime's u8 x s8 pairs cannot saturate

@@ -93,13 +93,18 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--calib", required=True, help="Calibration data: a folder of images, or a .npy/.npz of input tensors.")
 @click.option("-o", "--output", default=None, help="Output path [default: <model>.ptqc.onnx beside the input].")
 @click.option("--pot/--no-pot", default=True, show_default=True, help="Power-of-two scales (the only mode ptqc has).")
-@click.option("--w8a8", "bits", flag_value="w8a8", help="8-bit weights, 8-bit activations (the default).")
-@click.option("--w4a8", "bits", flag_value="w4a8", help="4-bit weights, 8-bit activations.")
-@click.option("--w4a4", "bits", flag_value="w4a4", help="4-bit weights, 4-bit activations.")
-@click.option("--w3a3", "bits", flag_value="w3a3", help="3-bit weights, 3-bit activations.")
-@click.option("--w2a4", "bits", flag_value="w2a4", help="2-bit weights, 4-bit activations.")
-@click.option("--w2a2", "bits", flag_value="w2a2", help="2-bit weights, 2-bit activations.")
+@click.option("--w8a8", "shorthand", flag_value="w8a8", help="8-bit weights, 8-bit activations (the default).")
+@click.option("--w4a8", "shorthand", flag_value="w4a8", help="4-bit weights, 8-bit activations.")
+@click.option("--w4a4", "shorthand", flag_value="w4a4", help="4-bit weights, 4-bit activations.")
+@click.option("--w3a3", "shorthand", flag_value="w3a3", help="3-bit weights, 3-bit activations.")
+@click.option("--w2a4", "shorthand", flag_value="w2a4", help="2-bit weights, 4-bit activations.")
+@click.option("--w2a2", "shorthand", flag_value="w2a2", help="2-bit weights, 2-bit activations.")
 @click.option("--weight-bits", type=int, default=None, help="Weight bit width, 2-8 (overrides the shorthand).")
+@click.option("--bits", "layer_bits", multiple=True, metavar="NAME=N",
+              help="Per-layer precision (repeatable): layer NAME's weights and input at N bits, or NAME=wXaY.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="TOML file of settings (QuantConfig fields, bits = \"w4a4\", and a [layers] table); "
+                   "command-line options win.")
 @click.option("--act-bits", type=int, default=None, help="Activation bit width, 2-8 (overrides the shorthand).")
 @click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="Use the first N samples in sorted order.")
@@ -122,22 +127,34 @@ def main(quiet: bool, verbose: bool) -> None:
                    "shift), which costs one Add per requantizing op.")
 @_preprocess_options
 @_fail_cleanly
-def compile(model, calib, output, pot, bits, weight_bits, act_bits, all_low_bit, calib_size, batch_size,
+def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, config_file, act_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
-    from ptqc.config import QuantConfig, parse_shorthand
+    from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand
     from ptqc.writer import check_writable, save_atomic
 
     if not pot:
         raise PtqcError("ptqc only emits power-of-two scales; drop --no-pot")
-    wb, ab = parse_shorthand(bits or "w8a8")
-    wb = weight_bits if weight_bits is not None else wb
-    ab = act_bits if act_bits is not None else ab
-    config = QuantConfig(weight_bits=wb, act_bits=ab, first_last_8bit=not all_low_bit, calib_size=calib_size,
-                         batch_size=batch_size, act_method=act_calib, bias_correction=not no_bias_correction,
-                         absorb_clip=not no_absorb, gptq=gptq, gptq_target=gptq_target, act_search=act_search,
-                         rounding=rounding, pair_safe_first=not no_pair_safe)
+    ctx = click.get_current_context()
+    settings = load_toml(config_file) if config_file else {}
+    given = {k for k in ctx.params if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if shorthand:
+        settings["weight_bits"], settings["act_bits"] = parse_shorthand(shorthand)
+    flags = {"weight_bits": weight_bits, "act_bits": act_bits, "first_last_8bit": not all_low_bit,
+             "calib_size": calib_size, "batch_size": batch_size, "act_method": act_calib,
+             "bias_correction": not no_bias_correction, "absorb_clip": not no_absorb, "gptq": gptq,
+             "gptq_target": gptq_target, "act_search": act_search, "rounding": rounding,
+             "pair_safe_first": not no_pair_safe}
+    source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
+              "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}
+    for key, value in flags.items():
+        if source.get(key, key) in given or key not in settings:
+            if value is not None:
+                settings[key] = value
+    if layer_bits:
+        settings["layer_bits"] = {**settings.get("layer_bits", {}), **parse_layer_bits(layer_bits)}
+    config = QuantConfig(**settings)
     if output is None:
         base = model[:-5] if model.endswith(".onnx") else model
         output = f"{base}.ptqc.onnx"
@@ -244,6 +261,66 @@ def verify(model, data, count, program_dir, fused, as_json, preset, size, mean, 
                        f"{', float outputs: ' + floats if floats else ''}")
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, help="Calibration images folder or .npy/.npz.")
+@click.option("--w4a8", "shorthand", flag_value="w4a8", help="Score layers at 4-bit weights, 8-bit input.")
+@click.option("--w4a4", "shorthand", flag_value="w4a4", default=True, help="... 4/4 (the default).")
+@click.option("--w3a3", "shorthand", flag_value="w3a3")
+@click.option("--w2a4", "shorthand", flag_value="w2a4")
+@click.option("--w2a2", "shorthand", flag_value="w2a2")
+@click.option("--calib-size", type=int, default=64, show_default=True, help="Calibration samples per compile.")
+@click.option("--eval-size", type=int, default=64, show_default=True,
+              help="Held-out samples scored: the ones after the calibration samples in the same data.")
+@click.option("--labels", default=None, help="Labels file ('filename index' per line) to also report top-1.")
+@click.option("--top", type=int, default=10, show_default=True, help="Rows to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print every layer's scores as JSON.")
+@_preprocess_options
+@_fail_cleanly
+def sensitivity(model, calib, shorthand, calib_size, eval_size, labels, top, as_json, preset, size, mean, std):
+    """Rank layers by the loss from quantizing each one alone to the low bit width (the rest at 8 bits).
+
+    Compiles the model once per layer, so it takes minutes on a real network (a progress bar shows the ETA).
+    Keep the worst layers at 8 bits with `ptqc compile --bits NAME=8`.
+    """
+    import numpy as np
+
+    from ptqc.config import QuantConfig, parse_shorthand
+    from ptqc.data import ImageFolder, open_dataset, read_labels
+    from ptqc.sensitivity import analyse, held_out_from
+
+    wb, ab = parse_shorthand(shorthand)
+    pre = _make_pre(preset, size, mean, std)
+    data = open_dataset(calib, pre, limit=calib_size + eval_size)
+    if len(data) <= calib_size:
+        raise PtqcError(f"--calib has {len(data)} samples; sensitivity needs more than --calib-size ({calib_size}) "
+                        "to score on the rest")
+    y = None
+    if isinstance(data, ImageFolder):
+        data.files = data.files[calib_size:]
+        if labels:
+            table = read_labels(labels)
+            import os
+
+            missing = [f for f in data.files if os.path.basename(f) not in table]
+            if missing:
+                raise PtqcError(f"{len(missing)} held-out images have no label, e.g. {os.path.basename(missing[0])}")
+            y = np.array([table[os.path.basename(f)] for f in data.files])
+        held = held_out_from(data, eval_size)
+    else:
+        held = held_out_from(data, calib_size + eval_size)[calib_size:]
+    result = analyse(model, calib, QuantConfig(wb, ab, calib_size=calib_size), held, y, pre)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=1))
+        return
+    click.echo(f"logit SNR vs FP32 on {len(held)} held-out samples: all layers 8-bit {result.baseline_snr_db:.2f} dB, "
+               f"all at w{wb}a{ab} {result.low_snr_db:.2f} dB")
+    click.echo(f"{'rank':>4}  {'layer':40s} {'op':5s} {'SNR dB':>7s} {'agree %':>8s}" + ("  top-1 %" if y is not None else ""))
+    for i, s in enumerate(result.layers[:top], 1):
+        line = f"{i:>4}  {s.name[-40:]:40s} {s.op:5s} {s.snr_db:7.2f} {s.agreement:8.1f}"
+        click.echo(line + (f"  {s.top1:7.1f}" if s.top1 is not None else ""))
 
 
 @main.command(name="export-int")

@@ -60,6 +60,10 @@ class QuantConfig:
     #: how a requantizing right shift rounds: "half-even" (QuantizeLinear's own rule, no extra ops) or
     #: "half-up" (add 2^(m-1), then shift: what shift hardware usually does; one Add per requantizing op)
     rounding: str = "half-even"
+    #: per-layer precision: node name -> bit width N of that layer's weights and of its input activation, or
+    #: "wXaY" for different widths (``--bits NAME=N``, or ``[layers]`` in a TOML config); layer names are
+    #: those ``ptqc inspect`` and ``ptqc sensitivity`` list
+    layer_bits: dict[str, int | str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
@@ -72,6 +76,11 @@ class QuantConfig:
             raise PtqcError(f"unknown activation calibration method {self.act_method!r}; use auto, mse or max")
         if self.gptq_target not in ("float", "asym", "qdrop"):
             raise PtqcError(f"unknown GPTQ target {self.gptq_target!r}; use float, asym or qdrop")
+        for name, bits in self.layer_bits.items():
+            try:
+                layer_widths(bits)
+            except PtqcError as exc:
+                raise PtqcError(f"layer {name}: {exc}") from None
         if self.rounding not in ("half-even", "half-up"):
             raise PtqcError(f"unknown rounding rule {self.rounding!r}; use half-even or half-up")
         if self.calib_size < 1:
@@ -97,6 +106,61 @@ class QuantConfig:
 
     def as_metadata(self) -> dict[str, str]:
         return {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def load_toml(path: str) -> dict:
+    """Settings from a TOML file: top-level keys are :class:`QuantConfig` fields (``bits = "w4a4"`` is a
+    shorthand for both widths), and a ``[layers]`` table maps layer names to bit widths."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise PtqcError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PtqcError(f"{path} is not valid TOML: {exc}") from None
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    settings = {}
+    for key, value in data.items():
+        if key == "layers":
+            if not isinstance(value, dict):
+                raise PtqcError(f"{path}: [layers] must be a table of name = bits")
+            settings["layer_bits"] = dict(value)
+        elif key == "bits":
+            settings["weight_bits"], settings["act_bits"] = parse_shorthand(str(value))
+        elif key.replace("-", "_") in fields:
+            settings[key.replace("-", "_")] = value
+        else:
+            raise PtqcError(f"{path}: unknown setting {key!r}")
+    return settings
+
+
+def layer_widths(value: int | str) -> tuple[int, int]:
+    """(weight bits, input activation bits) of a per-layer setting: ``8`` or ``"w2a4"``."""
+    if isinstance(value, bool):
+        raise PtqcError(f"a layer bit width must be a number or wXaY, got {value!r}")
+    if isinstance(value, int):
+        widths = value, value
+    else:
+        text = str(value).strip()
+        widths = (int(text), int(text)) if text.isdigit() else parse_shorthand(text)
+    if any(b not in SUPPORTED_BITS for b in widths):
+        raise PtqcError(f"unsupported layer bit width {value!r}; ptqc supports 2 to 8")
+    return widths
+
+
+def parse_layer_bits(items) -> dict[str, int | str]:
+    """``["conv1=8", "fc=w4a8"]`` -> ``{"conv1": 8, "fc": "w4a8"}``."""
+    out: dict[str, int | str] = {}
+    for item in items:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name or not bits.strip():
+            raise PtqcError(f"--bits takes NAME=N or NAME=wXaY, got {item!r}")
+        bits = bits.strip()
+        out[name] = int(bits) if bits.isdigit() else bits
+        layer_widths(out[name])
+    return out
 
 
 def parse_shorthand(text: str) -> tuple[int, int]:

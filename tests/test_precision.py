@@ -1,0 +1,100 @@
+"""Per-layer precision (--bits NAME=N, TOML config) and the sensitivity ranking, on small graphs."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import ptqc
+from graphs import inputs, resnet_like
+from ptqc.cli import main
+from ptqc.config import load_toml, parse_layer_bits
+from ptqc.errors import PtqcError
+from ptqc.inspect import inspect_model
+from ptqc.sensitivity import analyse, layer_names, logit_snr
+
+CALIB = inputs(48, seed=5)
+
+
+def _widths(model):
+    rows = {r.name: r for r in inspect_model(model).rows}
+    return {name: (r.w_bits, r.a_bits.split("->")[0]) for name, r in rows.items() if r.op in ("Conv", "Gemm")}
+
+
+def test_layer_bits_override_weights_and_input():
+    model = resnet_like(1)
+    names = [n for n, _ in layer_names(model)]
+    mid, other = names[1], names[2]
+    cfg = ptqc.QuantConfig(4, 4, calib_size=48, layer_bits={mid: 8, other: "w2a8"})
+    q = ptqc.compile(model, CALIB, cfg).model
+    w = _widths(q)
+    assert w[mid] == ("8", "8") and w[other] == ("2", "8")
+    assert w[names[3]] == ("4", "4")
+    assert inspect_model(q).ok
+
+
+def test_unknown_layer_name_is_one_clear_error():
+    with pytest.raises(PtqcError, match="no quantizable layer named 'nope'"):
+        ptqc.compile(resnet_like(1), CALIB, ptqc.QuantConfig(4, 4, calib_size=16, layer_bits={"nope": 8}))
+
+
+def test_layer_bits_parsing():
+    assert parse_layer_bits(["a=8", "b.c=w2a4"]) == {"a": 8, "b.c": "w2a4"}
+    for bad in ["a", "=8", "a=9", "a=w9a4"]:
+        with pytest.raises(PtqcError):
+            parse_layer_bits([bad])
+
+
+def test_toml_config_and_command_line_precedence(tmp_path):
+    model = resnet_like(1)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", CALIB)
+    mid = layer_names(model)[1][0]
+    (tmp_path / "c.toml").write_text(f'bits = "w4a4"\nbias_correction = false\ncalib_size = 32\n[layers]\n{mid} = 8\n')
+    settings = load_toml(str(tmp_path / "c.toml"))
+    assert settings == {"weight_bits": 4, "act_bits": 4, "bias_correction": False, "calib_size": 32, "layer_bits": {mid: 8}}
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                    "--config", str(tmp_path / "c.toml"), "--act-bits", "8", "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 0, res.output
+    q = onnx.load(tmp_path / "q.onnx")
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert meta["ptqc.config.weight_bits"] == "4" and meta["ptqc.config.act_bits"] == "8"  # the flag wins
+    assert meta["ptqc.config.bias_correction"] == "False" and meta["ptqc.config.calib_size"] == "32"
+    assert _widths(q)[mid] == ("8", "8")
+    (tmp_path / "bad.toml").write_text("bits = [\n")
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                    "--config", str(tmp_path / "bad.toml")])
+    assert res.exit_code == 2 and "not valid TOML" in res.output
+
+
+def test_logit_snr_by_hand():
+    fp = np.array([[3.0, 4.0]])
+    assert logit_snr(fp, fp) == float("inf")
+    assert logit_snr(fp, np.array([[3.0, 3.0]])) == pytest.approx(10 * np.log10(25.0))
+
+
+def test_sensitivity_ranks_every_layer_worst_first():
+    model = resnet_like(2)
+    held = inputs(32, seed=8)
+    res = analyse(model, CALIB[:32], ptqc.QuantConfig(2, 4, calib_size=32), held)
+    names = [n for n, _ in layer_names(model)]
+    assert sorted(s.name for s in res.layers) == sorted(names)
+    snrs = [s.snr_db for s in res.layers]
+    assert snrs == sorted(snrs)
+    # one layer at 2 bits loses less than the whole low-bit model but more than the 8-bit baseline
+    assert res.baseline_snr_db > max(snrs) and res.baseline_snr_db > res.low_snr_db
+
+
+def test_sensitivity_cli_json(tmp_path):
+    onnx.save(resnet_like(2), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", inputs(64, seed=4))
+    res = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                    "--calib-size", "32", "--eval-size", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert len(d["layers"]) == 5 and d["layers"][0]["snr_db"] <= d["layers"][-1]["snr_db"]
+    res = CliRunner().invoke(main, ["sensitivity", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                    "--calib-size", "64"])
+    assert res.exit_code == 2 and "needs more than --calib-size" in res.output
