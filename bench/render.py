@@ -42,10 +42,10 @@ def main() -> None:
            "of 30 (batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
            "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Compile seconds and peak RSS are those",
            "of a separate process doing only the compile (image decoding included, for both tools).",
-           "Where a configuration was measured twice, the later record is shown. All rows but w4a8 were measured",
-           "with the final code; the w4a8 rows (which continuous clipping does not affect) were measured before",
-           "calibration stopped using onnxruntime's memory arena, which added about 2 s and made memory flat in",
-           "the image count.", ""]
+           "Where a configuration was measured twice, the later record is shown. The per-model tables come from one",
+           "run of the final code (GPTQ at every width, pair-safe first layer, statistics reduced inside the",
+           "onnxruntime graph); its MobileNetV2 low-bit latencies were taken while tests ran beside them, so read",
+           "them as noise (its w4a4/w3a3 b32 rows are about 2x the w8a8 one for that reason, not the encoding).", ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
     for model in models:
