@@ -140,8 +140,9 @@ class CalibratePass(ir.passes.InPlacePass):
                     sums[name] = sums.get(name, 0.0) + mean.sum(axis=0, dtype=np.float64)
             if in_moments:
                 arrays = {**outs, input_value.name: batch}
-                for node, moment in moments.items():
-                    moment.add(arrays[node.inputs[0].name][: self.moment_samples - seen])
+                with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below, by tensor name
+                    for node, moment in moments.items():
+                        moment.add(arrays[node.inputs[0].name][: self.moment_samples - seen])
             elif moment_session is not None:
                 moment_session = None
             seen += len(batch)
