@@ -137,7 +137,8 @@ def ablation(rows: list[dict]) -> list[str]:
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
            "everywhere, first and last layers 8-bit. Produced by",
            "`python bench/bench_compile.py --bits w4a8 w4a4 --variants rtn bc absorb gptq --no-ort --no-latency`",
-           "(run while other work shared the machine, so its seconds are only indicative). The default adds, below",
+           "(run while a `ptqc sensitivity` job shared the machine, so its seconds are only indicative: EfficientNet's",
+           "184 s GPTQ cell is contention, the same compile took 22 s alone). The default adds, below",
            "8-bit activations, continuous clipping thresholds (`absorb_clip_range`): compare the per-model tables.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
            "|---|---|---|" + "---|" * len(order)]
