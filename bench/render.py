@@ -86,8 +86,9 @@ def verification(rows: list[dict]) -> list[str]:
            "Produced by `python bench/bench_verify.py`: each model compiled on 256 calib images, then `ptqc verify`",
            "on the next 32 (never calibrated on). `QDQ` = onnxruntime running the graph as ONNX defines it (no QDQ",
            "fusion); `fused` = its default int8 kernels (u8 x s8 pairs saturate at int16 on this AVX2 CPU without",
-           "VNNI; see docs/integer.md). `values` = integer codes compared. Half-up models are not fused, hence",
-           "their batch-32 latency.", "",
+           "VNNI; see docs/integer.md: the pair-safe first layer makes w4a4/w2a4 exact there, while inner 8-bit",
+           "layers at w8a8 can still saturate). `values` = integer codes compared. Half-up models are not fused,",
+           "hence their batch-32 latency.", "",
            "| model | bits | rounding | values | QDQ: bit-exact | fused: bit-exact | fused: first difference | b32 ms |",
            "|---|---|---|---|---|---|---|---|"]
     for (model, bits, rounding, kind), r in latest.items():
