@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(calib):
         print(f"bench: {calib} not found; pass --shared or set PTQC_SHARED", file=sys.stderr)
         return 0
+
+    import onnx
 
     import ptqc
     from ptqc.config import parse_shorthand
@@ -68,9 +71,6 @@ def main(argv=None) -> int:
                            "warnings": len(rep.warnings), "logit_max_diff": max(rep.float_outputs.values(), default=None),
                            "verify_s": round(time.perf_counter() - start, 2)}
                     if not fused and not args.no_latency:
-                        import onnx
-                        import tempfile
-
                         with tempfile.NamedTemporaryFile(suffix=".onnx") as tmp:
                             onnx.save(model, tmp.name)
                             rec["lat_b32_ms"] = latency_ms(tmp.name, 32, 2, 10)

@@ -5,7 +5,8 @@ Only integers flow between steps.  The one float step is at each end: the graph 
 whose output leaves as float (the logits) returns ``acc * 2^e``.
 
 Convolutions and matrix products sum integer products through float64 BLAS.  That is exact: every partial
-sum is an integer below 2^53 (the executor checks the worst case, see :func:`ptqc.intprog` bounds), and float64
+sum is an integer no larger than the worst-case accumulator, which ``ptqc verify`` requires to fit int32
+(:func:`ptqc.intprog.accumulator_bounds`), so far below 2^53, and float64
 represents such integers exactly, so the result equals integer accumulation bit for bit, only faster.
 Every accumulator is checked against the int32 range; the first overflow is reported, not wrapped.
 """
@@ -16,11 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from ptqc.intprog import Program, Step
-
-INT32_MAX = 2**31 - 1
-#: above this, float64 products and sums of integers may round; the executor refuses rather than guess
-EXACT_FLOAT64 = 2**53
+from ptqc.intprog import INT32_MAX, Program, Step
 
 
 @dataclasses.dataclass
@@ -123,13 +120,13 @@ def maxpool(x: np.ndarray, kernel, strides, pads, dilations, ceil_mode: int) -> 
     return out
 
 
-def _axes(step: Step, arrays, ins, idx: int = 1):
+def _axes(step: Step, ins, idx: int = 1):
     if len(ins) > idx and ins[idx] is not None:
         return [int(a) for a in np.asarray(ins[idx]).reshape(-1)]
     return step.attrs.get("axes")
 
 
-def _move(step: Step, ins: list, arrays) -> np.ndarray:
+def _move(step: Step, ins: list) -> np.ndarray:
     """Data movement and int64 shape arithmetic, with ONNX semantics, on any dtype."""
     op, a, x = step.op, step.attrs, ins[0]
     if op in ("Identity", "Dropout"):
@@ -145,17 +142,17 @@ def _move(step: Step, ins: list, arrays) -> np.ndarray:
     if op == "Transpose":
         return np.transpose(x, a.get("perm"))
     if op == "Squeeze":
-        axes = _axes(step, arrays, ins)
+        axes = _axes(step, ins)
         return np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
     if op == "Unsqueeze":
         out = x
-        axes = sorted(ax % (x.ndim + len(_axes(step, arrays, ins))) for ax in _axes(step, arrays, ins))
+        axes = sorted(ax % (x.ndim + len(_axes(step, ins))) for ax in _axes(step, ins))
         for ax in axes:
             out = np.expand_dims(out, ax)
         return out
     if op == "Pad":
         pads = [int(p) for p in np.asarray(ins[1]).reshape(-1)]
-        axes = _axes(step, arrays, ins, 3) or list(range(x.ndim))
+        axes = _axes(step, ins, 3) or list(range(x.ndim))
         width = [(0, 0)] * x.ndim
         half = len(pads) // 2
         for i, ax in enumerate(axes):
@@ -223,7 +220,7 @@ class Executor:
                     check(step, acc)
                     out = acc * np.exp2(_channel(self.p.arrays[step.dequant["exp"]], acc.ndim).astype(np.float64))
                 else:
-                    out = _move(step, ins, p.arrays)
+                    out = _move(step, ins)
             else:
                 acc = self.accumulate(step, *ins)
                 check(step, acc)
@@ -249,7 +246,7 @@ class Executor:
         elif op == "Concat":
             acc = np.concatenate([np.left_shift(np.asarray(x, np.int64), s) for x, s in zip(ins, a["align"])], axis=a["axis"])
         elif op == "ReduceSum":
-            axes = _axes(step, None, ins)
+            axes = _axes(step, ins)
             keep = bool(a.get("keepdims", 1))
             if axes is None and a.get("noop_with_empty_axes", 0):
                 acc = ins[0]
@@ -258,7 +255,7 @@ class Executor:
         elif op in ("Relu", "Clip"):
             acc = ins[0]
         else:
-            acc = _move(step, ins, self.p.arrays)
+            acc = _move(step, ins)
         if op in ("Conv", "Gemm"):
             b = self.const(step, "b")
             if b is not None:

@@ -68,11 +68,14 @@ def analyse(model: str, calib, config: QuantConfig, held_out: np.ndarray, labels
     """Score every layer of ``model`` at ``config``'s bit widths, alone, against FP32 on ``held_out``."""
     import ptqc
 
-    fp = runtime.run(runtime.make_session(model), {_input_name(model): held_out})[0]
+    def logits(m) -> np.ndarray:
+        session = runtime.make_session(m)
+        return runtime.run(session, {session.get_inputs()[0].name: held_out})[0]
+
+    fp = logits(model)
 
     def score(cfg: QuantConfig) -> tuple[float, float, float | None]:
-        q_model = ptqc.compile(model, calib, cfg, preprocess).model
-        q = runtime.run(runtime.make_session(q_model), {_input_name(model): held_out})[0]
+        q = logits(ptqc.compile(model, calib, cfg, preprocess).model)
         top1 = None if labels is None else 100.0 * float(np.mean(q.argmax(1) == labels))
         return logit_snr(fp, q), 100.0 * float(np.mean(q.argmax(1) == fp.argmax(1))), top1
 
@@ -85,12 +88,6 @@ def analyse(model: str, calib, config: QuantConfig, held_out: np.ndarray, labels
         scores.append(LayerScore(name, op, snr, agree, top1))
     scores.sort(key=lambda s: s.snr_db)
     return Sensitivity(baseline, low, scores)
-
-
-def _input_name(model) -> str:
-    m = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return next(i.name for i in m.graph.input if i.name not in inits)
 
 
 def held_out_from(data: Dataset, count: int) -> np.ndarray:

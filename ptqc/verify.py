@@ -84,7 +84,8 @@ def saturation_risks(program: Program) -> list[str]:
             continue  # a layer with a float output is not fused into an int8 kernel
         x = program.tensors[step.inputs[0]]
         top = x.hi + x.zero_point  # largest uint8 value the kernel sees
-        w = np.abs(program.arrays[step.consts["w"]].astype(np.int64)).reshape(len(program.arrays[step.consts["w"]]), -1)
+        codes = program.arrays[step.consts["w"]]
+        w = np.abs(codes.astype(np.int64)).reshape(len(codes), -1)
         if w.shape[1] < 2:
             continue
         pair = np.sort(w, axis=1)[:, -2:].sum(axis=1).max()
