@@ -84,6 +84,8 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
                 act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
             act.clip_hi = top
             act.exp = e
+            act.rescale *= alpha
+            producer.meta[WEIGHT].methods.append("absorb_clip_range")
             if MEAN in v.meta:
                 v.meta[MEAN] = v.meta[MEAN] * alpha
             count += 1

@@ -51,6 +51,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             w = const(node.inputs[1]).astype(np.float64)
             w_hat = wq.dequantized()
             wq.bias = wq.bias - expected_output_error(node, w, w_hat, mean_in)
+            wq.methods.append("bias_correction")
             count += 1
         logger.info("corrected the bias of %d layers", count)
         return ir.passes.PassResult(model, modified=bool(count))

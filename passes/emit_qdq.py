@@ -142,7 +142,11 @@ class EmitQdqPass(ir.passes.InPlacePass):
         if fused is not None:
             note += f"; fused {fused.op_type}"
         q.doc_string = dq.doc_string = note
-        meta = {"ptqc.bits": str(act.bits), "ptqc.signed": str(int(act.signed)), "ptqc.exp": str(act.exp)}
+        meta = {"ptqc.bits": str(act.bits), "ptqc.signed": str(int(act.signed)), "ptqc.exp": str(act.exp),
+                "ptqc.tensor": name}
+        if act.rescale != 1.0:
+            # this tensor is rescale x the float model's (clip range absorbed into the weights)
+            meta["ptqc.fp_scale"] = repr(float(act.rescale))
         q.metadata_props.update(meta)
         dq.metadata_props.update(meta)
         anchor = src.producer()
@@ -152,6 +156,8 @@ class EmitQdqPass(ir.passes.InPlacePass):
         else:
             graph.insert_after(anchor, new_nodes)
         for use in uses:
+            if fused is None and use.node.metadata_props.get("ptqc.keep_float") == "1":
+                continue  # a layer kept float reads the float tensor, not its rounded copy
             use.node.replace_input_with(use.idx, dq.outputs[0])
         if fused is not None:
             graph.remove(fused, safe=True)
@@ -203,7 +209,9 @@ class EmitQdqPass(ir.passes.InPlacePass):
             if use.node.op_type == "QuantizeLinear":
                 out_exp = int(use.node.metadata_props["ptqc.exp"])
         lines = [f"ptqc: {wq.role + ' layer, ' if wq.role else ''}w{wq.bits} per-channel, input scale 2^{e_in}"]
-        props = {"ptqc.weight_bits": str(wq.bits), "ptqc.input_exp": str(e_in)}
+        props = {"ptqc.weight_bits": str(wq.bits), "ptqc.input_exp": str(e_in), "ptqc.methods": " ".join(wq.methods)}
+        if wq.methods:
+            lines.append("methods: " + ", ".join(wq.methods))
         if out_exp is not None and e_in is not None:
             shifts = int(e_in) + wq.exps - out_exp
             lines.append(f"requant: acc * 2^({_fmt_range(shifts)}) -> output scale 2^{out_exp} (shift per channel)")

@@ -80,6 +80,7 @@ class GptqRoundingPass(ir.passes.InPlacePass):
             after += float(row_loss(wg, codes * np.exp2(new_exps.astype(np.float64))[:, :, None], h).sum())
             wq.q = ungrouped(node, codes, w.shape, wq.axis)
             wq.exps = new_exps.reshape(-1)
+            wq.methods.append("gptq" + ("+exponent_search" if wq.bits < 8 and len(self.search) > 1 else ""))
         logger.info("GPTQ on %d layers: summed layer loss %.4g -> %.4g (round-to-nearest -> GPTQ)",
                     len(layers), before, after)
         model.graph.meta["ptqc.gptq_loss"] = (before, after)

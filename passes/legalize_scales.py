@@ -80,5 +80,7 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
             rows = channel_view(raised_rows, w.ndim, wq.axis)
             wq.q = np.where(rows, fresh, wq.q)
         raised = int(raised_rows.sum())
+        if raised:
+            wq.methods.append(f"bias_limit({raised} channels coarser)")
         wq.bias_q = bq.astype(np.int64)
         return raised

@@ -119,10 +119,22 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 self._canonical_gemm(graph, node)
 
         weighted = {}
+        kept_float = set()
         for node in nodes:
             axis = weight_axis(node)
-            if axis is not None:
+            if axis is not None and node.name in self.config.keep_float:
+                kept_float.add(node)
+                node.metadata_props["ptqc.keep_float"] = "1"
+                node.doc_string = "ptqc: kept float on request (--keep-float): float weights and arithmetic"
+            elif axis is not None:
                 weighted[node] = axis
+        unknown = sorted(set(self.config.keep_float) - {n.name for n in kept_float})
+        if unknown:
+            raise PtqcError(f"--keep-float: no quantizable layer named {unknown[0]!r}; `ptqc inspect` on a compiled "
+                            f"model, or `ptqc sensitivity`, lists the layer names")
+        both = sorted(set(self.config.keep_float) & set(self.config.layer_bits))
+        if both:
+            raise PtqcError(f"layer {both[0]!r} is both kept float and given a bit width")
 
         # fused activations: Relu/Clip as the only consumer of an op that requantizes
         fused_pre: set[ir.Value] = set()
@@ -135,7 +147,7 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
             bounds = clip_bounds(node)
             if prod is None or bounds is None or len(x.uses()) != 1 or x in graph.outputs:
                 continue
-            if prod not in weighted and prod.op_type != "Add":
+            if prod not in weighted and prod not in kept_float and prod.op_type != "Add":
                 continue
             fused_pre.add(x)
             fused_post[node.outputs[0]] = (node, bounds[0], bounds[1])
@@ -162,12 +174,15 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
             if self._feeds_only_outputs(graph, v) or v in fused_pre or not v.uses():
                 continue
             prod = v.producer()
-            produced_int = prod is None or prod.op_type in INTEGER_OPS
-            read_int = any(u.node.op_type in INTEGER_OPS and (u.node not in weighted or u.idx == 0) for u in v.uses())
-            if produced_int or read_int:
+            produced_int = prod is None or (prod.op_type in INTEGER_OPS and prod not in kept_float)
+            read_int = any(u.node.op_type in INTEGER_OPS and u.node not in kept_float
+                           and (u.node not in weighted or u.idx == 0) for u in v.uses())
+            # a tensor only kept-float layers read stays float, so those layers see their input unrounded
+            only_float_readers = all(u.node in kept_float for u in v.uses())
+            if read_int or (produced_int and not only_float_readers):
                 planned.append(v)
 
-        first, last = self._first_last(graph, nodes, weighted)
+        first, last = self._first_last(graph, nodes, {**weighted, **dict.fromkeys(kept_float, 0)})
         bits_of: dict[ir.Value, int] = {v: self.config.act_bits for v in planned}
         unknown = sorted(set(self.config.layer_bits) - {n.name for n in weighted})
         if unknown:
@@ -193,6 +208,10 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     and not unsigned.get(node.inputs[0], False)):
                 bits = 7  # |w| <= 64: 255 * (64 + 64) fits int16, so onnxruntime's u8 x s8 pairs cannot saturate
             node.meta[WEIGHT] = WeightQuant(bits=bits, axis=axis, role=role, bias=self._bias(node, axis))
+            if node.name in self.config.layer_bits:
+                node.meta[WEIGHT].methods.append(f"bits={self.config.layer_bits[node.name]}")
+            if bits == 7 and role == "first" and self.config.pair_safe_first:
+                node.meta[WEIGHT].methods.append("pair_safe")
 
         # sharing groups
         uf = _UnionFind()

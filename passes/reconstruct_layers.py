@@ -97,6 +97,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
             zero = np.zeros_like(w)
             wq.bias = wq.bias - (expected_output_error(node, zero, w_hat, mean_q / n)
                                  - expected_output_error(node, zero, w, mean_f / n))
+            wq.methods.append(f"reconstruct_{self.target}+bias")
             weights.update(simulate.layer_arrays(node, quantized=True))
         logger.info("reconstructed %d layers (%s target): summed layer loss %.4g -> %.4g", len(layers), self.target,
                     before, after)

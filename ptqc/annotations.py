@@ -48,6 +48,9 @@ class ActQuant:
     clip_hi: float | None = None
     #: the fused Relu/Clip node, removed when the QDQ graph is written
     fused: object | None = None
+    #: factor the tensor was multiplied by relative to the float model (absorb_clip_range's weight
+    #: rescaling); written to the QDQ file so that a report can compare against the float model
+    rescale: float = 1.0
 
 
 @dataclasses.dataclass
@@ -63,6 +66,8 @@ class WeightQuant:
     exps: np.ndarray | None = None
     q: np.ndarray | None = None  # integer weights, same shape as the float weights
     bias_q: np.ndarray | None = None  # int32 bias at scale 2**(e_in + exps)
+    #: what was done to this layer, in pipeline order (written to the node's metadata)
+    methods: list[str] = dataclasses.field(default_factory=list)
 
     def dequantized(self) -> np.ndarray:
         """The weights the quantized layer computes with: ``q * 2**exps`` per output channel (float64)."""

@@ -47,7 +47,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     if not verbose:
         for noisy in ("onnx_ir", "ptqc.passes"):
-            logging.getLogger(noisy).setLevel(logging.WARNING if quiet else logging.WARNING)
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     progress.DISABLE = True if quiet else None
 
 
@@ -90,7 +90,9 @@ def main(quiet: bool, verbose: bool) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--calib", required=True, help="Calibration data: a folder of images, or a .npy/.npz of input tensors.")
+@click.option("--calib", default=None,
+              help="Calibration data: a folder of images, or a .npy/.npz of input tensors. Without it, activation "
+                   "ranges come from the model's BatchNorm statistics (data-free; the input range from --preprocess).")
 @click.option("-o", "--output", default=None, help="Output path [default: <model>.ptqc.onnx beside the input].")
 @click.option("--pot/--no-pot", default=True, show_default=True, help="Power-of-two scales (the only mode ptqc has).")
 @click.option("--w8a8", "shorthand", flag_value="w8a8", help="8-bit weights, 8-bit activations (the default).")
@@ -102,6 +104,20 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--weight-bits", type=int, default=None, help="Weight bit width, 2-8 (overrides the shorthand).")
 @click.option("--bits", "layer_bits", multiple=True, metavar="NAME=N",
               help="Per-layer precision (repeatable): layer NAME's weights and input at N bits, or NAME=wXaY.")
+@click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
+              help="Leave layer NAME in float (repeatable); the model is then not integer-only.")
+@click.option("--max-drop", type=float, default=None, metavar="POINTS",
+              help="Raise the most harmful layers to 8 bits until the top-1 drop on held-out samples (those after "
+                   "--calib-size in --calib) is at most POINTS; estimated from the float model's softmax, or "
+                   "measured with --labels.")
+@click.option("--target-size", type=float, default=None, metavar="MB",
+              help="Raise the most harmful layers to 8 bits while the weights fit in MB megabytes.")
+@click.option("--eval-size", type=int, default=256, show_default=True, help="Held-out samples for --max-drop.")
+@click.option("--labels", default=None, help="Labels of --calib images ('filename index' per line), for --max-drop.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the per-layer error report, one self-contained HTML file.")
+@click.option("--report-samples", type=int, default=32, show_default=True,
+              help="Calibration samples the report measures on.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="TOML file of settings (QuantConfig fields, bits = \"w4a4\", and a [layers] table); "
                    "command-line options win.")
@@ -127,7 +143,8 @@ def main(quiet: bool, verbose: bool) -> None:
                    "shift), which costs one Add per requantizing op.")
 @_preprocess_options
 @_fail_cleanly
-def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, config_file, act_bits, all_low_bit, calib_size, batch_size,
+def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
+            labels, report_path, report_samples, config_file, act_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
@@ -154,17 +171,54 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, confi
                 settings[key] = value
     if layer_bits:
         settings["layer_bits"] = {**settings.get("layer_bits", {}), **parse_layer_bits(layer_bits)}
+    if keep_float:
+        settings["keep_float"] = [*settings.get("keep_float", []), *keep_float]
     config = QuantConfig(**settings)
     if output is None:
         base = model[:-5] if model.endswith(".onnx") else model
         output = f"{base}.ptqc.onnx"
     check_writable(output)
+    if report_path:
+        check_writable(report_path)
     pre = _make_pre(preset, size, mean, std)
+    if calib is None:
+        if max_drop is not None or target_size is not None or report_path:
+            raise PtqcError("--max-drop, --target-size and --report need data; pass --calib")
+    choice = None
+    if max_drop is not None or target_size is not None:
+        from ptqc import mixed
+
+        if max_drop is not None and target_size is not None:
+            raise PtqcError("give --max-drop or --target-size, not both")
+        if max_drop is not None:
+            held, y = mixed.held_out(calib, pre, config.calib_size, eval_size, labels)
+            config, choice = mixed.max_drop(model, calib, config, pre, max_drop, held, y)
+        else:
+            config, choice = mixed.target_size(model, calib, config, pre, target_size)
+        click.echo(choice.describe(), err=True)
     result = ptqc.compile(model, calib, config, pre)
+    if choice is not None:
+        entry = result.model.metadata_props.add()
+        entry.key, entry.value = "ptqc.mixed_precision", choice.describe()
     save_atomic(result.model, output)
     size_mb = os.path.getsize(output) / 2**20
-    click.echo(f"wrote {output} ({config.tag}, power-of-two, {result.calib_samples} calibration samples, "
+    samples = f"{result.calib_samples} calibration samples" if calib is not None else "data-free"
+    click.echo(f"wrote {output} ({config.tag}, power-of-two, {samples}, "
                f"{result.timings['total']:.1f} s, {size_mb:.1f} MB)")
+    if report_path:
+        _write_report(model, result.model, calib, pre, report_samples, report_path)
+
+
+def _write_report(model, quantized, calib, pre, samples, path) -> None:
+    from ptqc import report, report_html
+    from ptqc.data import open_dataset
+
+    data = open_dataset(calib, pre, limit=samples)
+    rep = report.analyse(model, quantized, data, samples=samples)
+    report_html.write(rep, path)
+    worst = ", ".join(f"{layer.name} {layer.sqnr_alone_db:.1f} dB" for layer in rep.worst_layers(3))
+    click.echo(f"wrote {path} (logit SNR {rep.logit_snr_db:.1f} dB, top-1 agreement {rep.agreement:.1f}% on "
+               f"{rep.samples} samples; worst layers alone: {worst})")
 
 
 @main.command(name="inspect")
@@ -316,6 +370,37 @@ def sensitivity(model, calib, shorthand, calib_size, eval_size, labels, top, as_
     for i, s in enumerate(result.layers[:top], 1):
         line = f"{i:>4}  {s.name[-40:]:40s} {s.op:5s} {s.snr_db:7.2f} {s.agreement:8.1f}"
         click.echo(line + (f"  {s.top1:7.1f}" if s.top1 is not None else ""))
+
+
+@main.command(name="report")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("quantized", type=click.Path(dir_okay=False))
+@click.option("--calib", required=True, help="Images folder or .npy/.npz to measure on.")
+@click.option("-o", "--output", default=None, help="HTML file [default: <quantized>.report.html].")
+@click.option("--samples", type=int, default=32, show_default=True, help="Samples to measure on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON instead of writing HTML.")
+@_preprocess_options
+@_fail_cleanly
+def report_cmd(model, quantized, calib, output, samples, as_json, preset, size, mean, std):
+    """Per-layer error of QUANTIZED (a ptqc QDQ model) against MODEL (its float source), as one HTML page.
+
+    Per layer: bits, exponents, shifts, methods, SQNR alone and accumulated, clipping ratio, and the split of
+    each activation quantizer's error into rounding and clipping; figures and advice on what to try.
+    """
+    from ptqc import report
+    from ptqc.data import open_dataset
+    from ptqc.writer import check_writable
+
+    pre = _make_pre(preset, size, mean, std)
+    if as_json:
+        rep = report.analyse(model, quantized, open_dataset(calib, pre, limit=samples), samples=samples)
+        click.echo(json.dumps(rep.as_dict(), indent=1, default=float))
+        return
+    if output is None:
+        base = quantized[:-5] if quantized.endswith(".onnx") else quantized
+        output = f"{base}.report.html"
+    check_writable(output)
+    _write_report(model, quantized, calib, pre, samples, output)
 
 
 @main.command(name="export-int")

@@ -64,6 +64,9 @@ class QuantConfig:
     #: "wXaY" for different widths (``--bits NAME=N``, or ``[layers]`` in a TOML config); layer names are
     #: those ``ptqc inspect`` and ``ptqc sensitivity`` list
     layer_bits: dict[str, int | str] = dataclasses.field(default_factory=dict)
+    #: layers left in float (``--keep-float NAME``): float weights and arithmetic; the model is then no longer
+    #: integer-only, and ``ptqc inspect`` says so
+    keep_float: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
@@ -127,6 +130,10 @@ def load_toml(path: str) -> dict:
             if not isinstance(value, dict):
                 raise PtqcError(f"{path}: [layers] must be a table of name = bits")
             settings["layer_bits"] = dict(value)
+        elif key == "keep_float" or key == "keep-float":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PtqcError(f"{path}: keep_float must be a list of layer names")
+            settings["keep_float"] = list(value)
         elif key == "bits":
             settings["weight_bits"], settings["act_bits"] = parse_shorthand(str(value))
         elif key.replace("-", "_") in fields:

@@ -292,6 +292,10 @@ def _layer_row(g, n, scale_exp, act_exp, out_exp, problems, non_shift) -> Row:
     e_in, a_in = act_exp(n.input[0])
     wdq = g.dq_of(n.input[1]) if len(n.input) > 1 else None
     row = Row(n.name, n.op_type)
+    if any(p.key == "ptqc.keep_float" for p in n.metadata_props):
+        non_shift.append(f"{n.name} ({n.op_type}): kept float on request (--keep-float)")
+        row.note = "FLOAT layer (kept float on request)"
+        return row
     if e_in is None or wdq is None or wdq.input[0] not in g.inits or n.input[1] not in scale_exp:
         if g.dq_of(n.input[0]) is None:
             problems.append(f"{n.name} ({n.op_type}): input is not quantized")

@@ -22,6 +22,7 @@ from ptqc.data import Dataset, Preprocess, check_shape, open_dataset
 from ptqc.passes.absorb_clip_range import AbsorbClipRangePass
 from ptqc.passes.bias_correction import BiasCorrectionPass
 from ptqc.passes.calibrate import CalibratePass
+from ptqc.passes.calibrate_from_bn import CalibrateFromBnPass
 from ptqc.passes.emit_qdq import EmitQdqPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
@@ -40,7 +41,10 @@ class CompileResult:
     model: onnx.ModelProto
     #: seconds spent in each pass
     timings: dict[str, float]
+    #: calibration samples used (0: data-free, from BatchNorm statistics)
     calib_samples: int
+    #: the per-layer error report (``ptqc.report.Report``), when ``report_samples`` was given
+    report: object | None = None
 
 
 class _Timed(ir.passes.InPlacePass):
@@ -72,16 +76,20 @@ def _unwrap(exc: BaseException) -> BaseException:
     return innermost
 
 
-def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]:
-    """The pass list, in pipeline order."""
+def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preprocess | None = None) -> list[ir.passes.PassBase]:
+    """The pass list, in pipeline order; ``data=None`` calibrates from BatchNorm statistics instead."""
+    if data is None:
+        config = data_free_config(config)
     float_gptq = config.use_gptq and config.gptq_target == "float"
     # sequential reconstruction sets each layer's bias itself, so it replaces the bias correction pass
     sequential = config.use_gptq and config.gptq_target != "float"
+    calibrate = (CalibrateFromBnPass(preprocess or Preprocess()) if data is None else
+                 CalibratePass(data, config.batch_size, config.moment_samples if float_gptq else 0, config.act_method))
     return [
         FoldBatchNormPass(),
         GapToSumPass(),
         PlanQuantizationPass(config),
-        CalibratePass(data, config.batch_size, config.moment_samples if float_gptq else 0, config.act_method),
+        calibrate,
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([GptqRoundingPass()] if float_gptq else []),
@@ -93,22 +101,44 @@ def build_passes(config: QuantConfig, data: Dataset) -> list[ir.passes.PassBase]
     ]
 
 
+def data_free_config(config: QuantConfig) -> QuantConfig:
+    """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
+    do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
+    if config.gptq_target != "float" or config.act_search:
+        raise PtqcError("--gptq-target asym/qdrop and --act-search need calibration data; pass --calib")
+    if config.gptq:
+        logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
+    return dataclasses.replace(config, gptq=False)
+
+
 def compile(
     model: str | os.PathLike | onnx.ModelProto,
-    calib: str | np.ndarray | Dataset,
+    calib: str | np.ndarray | Dataset | None = None,
     config: QuantConfig | None = None,
     preprocess: Preprocess | None = None,
+    report_samples: int = 0,
 ) -> CompileResult:
-    """Quantize ``model`` with power-of-two scales, calibrating on ``calib``; returns the QDQ model."""
+    """Quantize ``model`` with power-of-two scales, calibrating on ``calib``; returns the QDQ model.
+
+    ``calib=None`` is data-free: activation ranges come from the model's BatchNorm statistics (a model
+    without BatchNorm is refused), with ``preprocess`` giving the input range.  ``report_samples > 0`` also
+    measures the per-layer error report on that many calibration samples (``result.report``).
+    """
     config = config or QuantConfig()
     timings: dict[str, float] = {}
     start = time.perf_counter()
     irm = loader.load(model)
     timings["load"] = time.perf_counter() - start
     input_name, input_shape = loader.input_spec(irm)
-    data = open_dataset(calib, preprocess, limit=config.calib_size, input_name=input_name)
-    check_shape(data, input_shape)
-    manager = ir.passes.PassManager([_Timed(p, timings) for p in build_passes(config, data)])
+    data = None
+    if calib is not None:
+        data = open_dataset(calib, preprocess, limit=config.calib_size, input_name=input_name)
+        check_shape(data, input_shape)
+    else:
+        if report_samples:
+            raise PtqcError("the report needs data to measure on; pass calib")
+        config = data_free_config(config)
+    manager = ir.passes.PassManager([_Timed(p, timings) for p in build_passes(config, data, preprocess)])
     try:
         manager(irm)
     except ir.passes.PassError as exc:
@@ -120,10 +150,19 @@ def compile(
     irm.metadata_props.update(config.as_metadata())
     irm.metadata_props["ptqc.version"] = ptqc.__version__
     irm.metadata_props["ptqc.calib_samples"] = str(samples)
+    irm.metadata_props["ptqc.calibration"] = ("data-free: activation ranges from BatchNorm statistics"
+                                              if data is None else f"{samples} samples")
     if preprocess is not None:
         irm.metadata_props["ptqc.preprocess"] = repr(preprocess)
     proto = writer.to_proto(irm)
     proto.producer_name = "ptqc"
     proto.producer_version = ptqc.__version__
     timings["total"] = time.perf_counter() - start
-    return CompileResult(proto, timings, samples)
+    result = CompileResult(proto, timings, samples)
+    if report_samples:
+        from ptqc import report
+
+        begin = time.perf_counter()
+        result.report = report.analyse(model, proto, data, samples=report_samples)
+        timings["report"] = time.perf_counter() - begin
+    return result

@@ -27,3 +27,8 @@ def batches(items: Iterable[T], desc: str, total: int | None = None, unit: str =
 def steps(items: Iterable[T], desc: str, total: int | None = None, unit: str = "step") -> Iterator[T]:
     """Yield ``items``, one bar step each."""
     yield from tqdm(items, desc=desc, total=total, unit=unit, disable=DISABLE, leave=False, dynamic_ncols=True)
+
+
+def counter(desc: str, total: int | None = None, unit: str = "step") -> tqdm:
+    """A bar advanced by hand (``.update(1)``), for loops whose steps are not an iterable; close it after."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=DISABLE, leave=False, dynamic_ncols=True)

@@ -1,0 +1,222 @@
+"""Automatic mixed precision: which layers go to 8 bits, for an accuracy budget or a size budget.
+
+Both searches walk a ranking of layers, most harmful first, and raise a prefix of it to 8 bits (weights and
+input).  The ranking comes from the per-layer report of the all-low-bit model: layers sorted by their SQNR
+alone (one compile and one analysis run, seconds), or from ``ptqc sensitivity`` (one compile per layer).
+
+* ``--max-drop D``: the shortest prefix whose estimated top-1 drop on held-out samples is at most ``D``
+  points, by bisection over the prefix length (about log2(layers) compiles).  The held-out samples are the
+  ones after the calibration samples in the same data, never the calibration samples themselves.  With
+  labels, the drop is measured top-1; without, it is estimated from the float model's own softmax
+  probabilities ``p``: ``mean(p[argmax fp] - p[argmax q])``, the expected drop if the float model is
+  calibrated (an image the two models disagree on costs what the float model believed in its answer).
+* ``--target-size MB``: the longest prefix whose weights (at their bit widths, plus int32 biases) fit in
+  ``MB`` megabytes (10^6 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+
+from ptqc import progress, runtime
+from ptqc.config import QuantConfig
+from ptqc.errors import PtqcError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Choice:
+    """What the search chose, and what it measured."""
+
+    criterion: str  # "max-drop 1.0" or "target-size 2.5 MB"
+    raised: list[str]  # layers raised to 8 bits, most harmful first
+    ranking: list[str]
+    estimate: float | None = None  # the held-out drop (points) of the chosen model
+    size_mb: float | None = None
+    trials: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (prefix length, drop)
+
+    def describe(self) -> str:
+        what = f"{len(self.raised)} of {len(self.ranking)} layers at 8 bits"
+        if self.estimate is not None:
+            what += f", held-out drop {self.estimate:.2f} points"
+        if self.size_mb is not None:
+            what += f", weights {self.size_mb:.3f} MB"
+        return f"{self.criterion}: {what}" + (f" ({', '.join(self.raised)})" if self.raised else "")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def estimated_drop(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> float:
+    """Top-1 drop in points: measured with labels, else expected under the float model's probabilities."""
+    fp, q = fp.reshape(len(fp), -1), q.reshape(len(q), -1)
+    if labels is not None:
+        return 100.0 * float(np.mean(fp.argmax(1) == labels) - np.mean(q.argmax(1) == labels))
+    p = softmax(fp)
+    rows = np.arange(len(fp))
+    return 100.0 * float(np.mean(p[rows, fp.argmax(1)] - p[rows, q.argmax(1)]))
+
+
+def weight_bytes(model: onnx.ModelProto) -> float:
+    """Bytes of a compiled model's weights at their bit widths, plus int32 biases."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    total = 0.0
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        meta = {p.key: p.value for p in n.metadata_props}
+        size = int(np.prod(numpy_helper.to_array(inits[n.input[0]]).shape))
+        if "ptqc.bits" in meta:
+            total += size * int(meta["ptqc.bits"]) / 8.0
+        elif inits[n.input[0]].data_type == onnx.TensorProto.INT32:
+            total += 4.0 * size
+    for n in model.graph.node:  # layers kept float
+        if any(p.key == "ptqc.keep_float" for p in n.metadata_props):
+            total += sum(4.0 * int(np.prod(numpy_helper.to_array(inits[i]).shape)) for i in n.input[1:] if i in inits)
+    return total
+
+
+def rank_layers(model, calib, config: QuantConfig, preprocess, samples: int = 32) -> list[str]:
+    """Layers of the all-low-bit model, lowest SQNR alone first (8-bit first/last layers excluded)."""
+    import ptqc
+
+    result = ptqc.compile(model, calib, config, preprocess, report_samples=samples)
+    low = [layer for layer in result.report.layers if layer.weight_bits < 7 or layer.input_bits < 8]
+    return [layer.name for layer in sorted(low, key=lambda layer: layer.sqnr_alone_db)]
+
+
+def with_raised(config: QuantConfig, names: list[str]) -> QuantConfig:
+    bits = dict(config.layer_bits)
+    for name in names:
+        bits.setdefault(name, 8)
+    return dataclasses.replace(config, layer_bits=bits)
+
+
+def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_out: np.ndarray,
+             labels: np.ndarray | None = None, ranking: list[str] | None = None) -> tuple[QuantConfig, Choice]:
+    """The fewest top-ranked layers at 8 bits whose held-out drop is at most ``budget`` points."""
+    import ptqc
+
+    session = runtime.make_session(model)
+    input_name = session.get_inputs()[0].name
+    fp = runtime.run(session, {input_name: held_out})[0]
+    ranking = ranking if ranking is not None else rank_layers(model, calib, config, preprocess)
+    choice = Choice(f"max-drop {budget:g}", [], ranking)
+    cache: dict[int, tuple[float, onnx.ModelProto]] = {}
+
+    def drop_at(k: int) -> float:
+        if k not in cache:
+            cfg = with_raised(config, ranking[:k])
+            q_model = ptqc.compile(model, calib, cfg, preprocess).model
+            q_session = runtime.make_session(q_model)
+            q = runtime.run(q_session, {input_name: held_out})[0]
+            cache[k] = (estimated_drop(fp, q, labels), q_model)
+            choice.trials.append((k, cache[k][0]))
+            bar.update(1)
+            logger.info("max-drop: %d layers at 8 bits -> held-out drop %.2f points", k, cache[k][0])
+        return cache[k][0]
+
+    lo, hi = 0, len(ranking)
+    bar = progress.counter("max-drop search", total=2 + int(np.ceil(np.log2(max(hi, 1)))), unit="compile")
+    try:
+        if drop_at(0) <= budget:
+            hi = 0
+        elif drop_at(hi) > budget:
+            raise PtqcError(f"--max-drop {budget:g}: even with all {len(ranking)} ranked layers at 8 bits the "
+                            f"held-out drop is {drop_at(hi):.2f} points; try higher base bit widths")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if drop_at(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid
+    finally:
+        bar.close()
+    choice.raised = ranking[:hi]
+    choice.estimate = drop_at(hi)
+    choice.size_mb = weight_bytes(cache[hi][1]) / 1e6
+    return with_raised(config, choice.raised), choice
+
+
+def target_size(model, calib, config: QuantConfig, preprocess, megabytes: float,
+                ranking: list[str] | None = None) -> tuple[QuantConfig, Choice]:
+    """The most top-ranked layers at 8 bits whose weights still fit in ``megabytes``."""
+    import ptqc
+    from ptqc.sensitivity import layer_names
+
+    ranking = ranking if ranking is not None else rank_layers(model, calib, config, preprocess)
+    budget = megabytes * 1e6
+    # weights per layer at each width, from the float model: bytes grow by params * (8 - bits) / 8 when raised
+    base = ptqc.compile(model, calib, config, preprocess).model
+    size = weight_bytes(base)
+    if size > budget:
+        raise PtqcError(f"--target-size {megabytes:g} MB: the model is {size / 1e6:.3f} MB with every layer at the low "
+                        "bit width; lower the bit widths or raise the target")
+    params = _layer_params(base)
+    names = {name for name, _ in layer_names(model)}
+    raised = []
+    for name in ranking:
+        if name not in names or name not in params:
+            continue
+        count, bits = params[name]
+        extra = count * (8 - bits) / 8.0
+        if size + extra > budget:
+            break
+        size += extra
+        raised.append(name)
+    choice = Choice(f"target-size {megabytes:g} MB", raised, ranking, size_mb=size / 1e6)
+    return with_raised(config, raised), choice
+
+
+def _layer_params(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Layer name -> (weight count, weight bits) of a compiled model."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if "ptqc.weight_bits" not in meta:
+            continue
+        dq = producer.get(n.input[1])
+        if dq is None or dq.input[0] not in inits:
+            continue
+        out[n.name] = (int(np.prod(numpy_helper.to_array(inits[dq.input[0]]).shape)), int(meta["ptqc.weight_bits"]))
+    return out
+
+
+def held_out(calib, preprocess, calib_size: int, count: int, labels: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``count`` samples after the first ``calib_size`` of ``calib`` (and their labels, from a labels file)."""
+    import os
+
+    from ptqc.data import ImageFolder, open_dataset, read_labels
+    from ptqc.sensitivity import held_out_from
+
+    data = open_dataset(calib, preprocess, limit=calib_size + count)
+    if len(data) <= calib_size:
+        raise PtqcError(f"--max-drop scores on the samples after the first {calib_size} of --calib, and it has only "
+                        f"{len(data)}; pass more data or a smaller --calib-size")
+    if not isinstance(data, ImageFolder):
+        if labels:
+            raise PtqcError("--labels goes with an image folder")
+        return held_out_from(data, calib_size + count)[calib_size:], None
+    data.files = data.files[calib_size:]
+    y = None
+    if labels:
+        table = read_labels(labels)
+        missing = [f for f in data.files if os.path.basename(f) not in table]
+        if missing:
+            raise PtqcError(f"{len(missing)} held-out images have no label, e.g. {os.path.basename(missing[0])}")
+        y = np.array([table[os.path.basename(f)] for f in data.files])
+    return held_out_from(data, count), y

@@ -1,0 +1,108 @@
+"""Mixed precision: --keep-float, --max-drop and --target-size on small graphs."""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import ptqc
+from graphs import inputs, resnet_like, run
+from ptqc import mixed
+from ptqc.cli import main
+from ptqc.config import QuantConfig, load_toml
+from ptqc.errors import PtqcError
+from ptqc.inspect import inspect_model
+
+
+def test_estimated_drop_by_hand():
+    fp = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]))
+    q = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])  # disagrees on the second image only
+    # expected drop = (0.4 - 0.35) / 3 images, in points
+    assert mixed.estimated_drop(fp, q) == pytest.approx(100 * 0.05 / 3)
+    labels = np.array([0, 0, 2])
+    assert mixed.estimated_drop(fp, q, labels) == pytest.approx(100 / 3)
+    assert mixed.estimated_drop(fp, fp) == 0.0
+
+
+def _kept(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def test_keep_float_leaves_the_layer_float_and_inspect_says_so():
+    model, x = resnet_like(seed=1), inputs(48, seed=2)
+    names = [n.name for n in ptqc.compile(model, x[:32], QuantConfig(4, 4, calib_size=32)).model.graph.node
+             if n.op_type == "Conv"]
+    target = names[1]
+    q = ptqc.compile(model, x[:32], QuantConfig(4, 4, calib_size=32, keep_float=[target])).model
+    node = _kept(q, target)
+    inits = {i.name for i in q.graph.initializer}
+    assert node.input[1] in inits  # the float weight itself, no DequantizeLinear in front
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert node.input[0] not in producer or producer[node.input[0]].op_type != "DequantizeLinear"
+    report = inspect_model(q)
+    assert not report.ok and any(target in m and "kept float" in m for m in report.non_shift)
+    assert not report.problems  # every scale still a power of two
+    fp = run(model, x[32:])[0]
+    full = run(ptqc.compile(model, x[:32], QuantConfig(4, 4, calib_size=32)).model, x[32:])[0]
+    part = run(q, x[32:])[0]
+    assert np.sum((fp - part) ** 2) < np.sum((fp - full) ** 2)
+
+
+def test_keep_float_errors_and_toml(tmp_path):
+    model, x = resnet_like(), inputs(16)
+    with pytest.raises(PtqcError, match="no quantizable layer named 'nope'"):
+        ptqc.compile(model, x, QuantConfig(4, 4, keep_float=["nope"]))
+    path = tmp_path / "c.toml"
+    path.write_text('bits = "w4a4"\nkeep_float = ["Conv_2"]\n')
+    assert load_toml(str(path)) == {"weight_bits": 4, "act_bits": 4, "keep_float": ["Conv_2"]}
+    path.write_text('keep_float = "Conv_2"\n')
+    with pytest.raises(PtqcError, match="list of layer names"):
+        load_toml(str(path))
+
+
+def test_target_size_fills_the_budget_in_ranking_order():
+    model, x = resnet_like(seed=3, width=16), inputs(40, seed=4)
+    cfg = QuantConfig(4, 4, calib_size=32)
+    low = mixed.weight_bytes(ptqc.compile(model, x[:32], cfg).model)
+    ranking = mixed.rank_layers(model, x[:32], cfg, None, samples=8)
+    assert ranking  # the low-bit layers, lowest SQNR alone first
+    new_cfg, choice = mixed.target_size(model, x[:32], cfg, None, (low + 700) / 1e6, ranking=ranking)
+    size = mixed.weight_bytes(ptqc.compile(model, x[:32], new_cfg).model)
+    assert size <= low + 700 and choice.size_mb == pytest.approx(size / 1e6)
+    assert choice.raised == ranking[: len(choice.raised)]
+    # the next layer in the ranking would not have fitted
+    if len(choice.raised) < len(ranking):
+        bigger = mixed.with_raised(cfg, ranking[: len(choice.raised) + 1])
+        assert mixed.weight_bytes(ptqc.compile(model, x[:32], bigger).model) > low + 700
+    with pytest.raises(PtqcError, match="target-size"):
+        mixed.target_size(model, x[:32], cfg, None, low / 2e6, ranking=ranking)
+
+
+def test_max_drop_picks_the_shortest_prefix_that_meets_the_budget():
+    model, x = resnet_like(seed=5, width=16), inputs(96, seed=6)
+    cfg = QuantConfig(2, 2, calib_size=32)
+    held = x[32:]
+    budget = 2.0
+    new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, budget, held)
+    fp = run(model, held)[0]
+    q = run(ptqc.compile(model, x[:32], new_cfg).model, held)[0]
+    assert mixed.estimated_drop(fp, q) == pytest.approx(choice.estimate) and choice.estimate <= budget
+    k = len(choice.raised)
+    assert dict(choice.trials)[k] <= budget
+    if k > 0:  # bisection ends next to a prefix one layer shorter that it tried and that missed the budget
+        assert dict(choice.trials)[k - 1] > budget
+
+
+def test_cli_max_drop_writes_the_choice_into_the_model(tmp_path):
+    path, data = tmp_path / "m.onnx", tmp_path / "x.npy"
+    onnx.save(resnet_like(seed=5, width=16), str(path))
+    np.save(data, inputs(96, seed=6))
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["compile", str(path), "--calib", str(data), "--calib-size", "32", "--w2a2",
+                                    "--max-drop", "2", "--eval-size", "64", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["ptqc.mixed_precision"].startswith("max-drop 2:")
+    res = CliRunner().invoke(main, ["compile", str(path), "--calib", str(data), "--calib-size", "96", "--max-drop", "1",
+                                    "-o", str(tmp_path / "r.onnx")])
+    assert res.exit_code == 2 and "has only 96" in res.output
