@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=["report", "keep8", "data_free", "max_drop"])
     ap.add_argument("--max-drop-bits", nargs="*", default=["w4a8", "w4a4"])
+    ap.add_argument("--eval-size", type=int, default=744, help="Held-out calibration images --max-drop scores on.")
     ap.add_argument("--screenshot", default=os.path.join(HERE, "..", "docs", "report_mobilenet_v2_w4a4.png"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "report.jsonl"))
     args = ap.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
                 emit({"kind": "data_free", "model": model_name, "bits": "w8a8", "calibration": label,
                       "fp32_top1": fp, "top1": acc, "drop": round(fp - acc, 2), "compile_s": round(seconds, 1)}, args.out)
     if "max_drop" in args.only:
-        held, _ = mixed.held_out(calib, pre, args.calib_size, 256)
+        held, _ = mixed.held_out(calib, pre, args.calib_size, args.eval_size)
         for bits in args.max_drop_bits:
             b_w, b_a = parse_shorthand(bits)
             start = time.perf_counter()
@@ -152,6 +153,7 @@ def main() -> None:
             acc = top1(q, name)
             emit({"kind": "max_drop", "model": name, "bits": bits, "budget": 1.0, "raised": choice.raised,
                   "n_raised": len(choice.raised), "ranked": len(choice.ranking), "held_out_drop": round(choice.estimate, 2),
+                  "held_out_bound": round(choice.upper, 2), "held_out_images": int(len(held)),
                   "trials": choice.trials, "fp32_top1": fp_top1, "top1": acc, "drop": round(fp_top1 - acc, 2),
                   "weights_mb": round(choice.size_mb, 3), "search_s": round(seconds, 1)}, args.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -1,8 +1,10 @@
 """Render bench JSON lines as the Markdown tables of docs/benchmarks.md.
 
-    python bench/render.py bench/results/compile.jsonl [bench/results/ablation.jsonl] [bench/results/verify.jsonl] > docs/benchmarks.md
+    python bench/render.py bench/results/compile.jsonl [bench/results/ablation.jsonl] [bench/results/verify.jsonl] \
+        [bench/results/report.jsonl] > docs/benchmarks.md
 
-Extra files are told apart by their records: verification records carry an "onnxruntime" key.
+Extra files are told apart by their records: verification records carry an "onnxruntime" key, the debugging
+records of bench_report.py a "kind".
 """
 
 from __future__ import annotations
@@ -73,8 +75,73 @@ def main() -> None:
         out.append("")
     for path in sys.argv[2:]:
         extra = load(path)
-        out += verification(extra) if extra and "onnxruntime" in extra[0] else ablation(extra)
+        if extra and "kind" in extra[0]:
+            out += debugging(extra)
+        else:
+            out += verification(extra) if extra and "onnxruntime" in extra[0] else ablation(extra)
     print("\n".join(out))
+
+
+def debugging(rows: list[dict]) -> list[str]:
+    """Issue #5: the report, its ranking checked against val500, data-free calibration and --max-drop."""
+    out = ["## Debugging accuracy (issue #5)", "",
+           "Produced by `python bench/bench_report.py`; raw records in `bench/results/report.jsonl`. 256 calibration",
+           "images; val500 is only evaluated on. Definitions: [report.md](report.md).", ""]
+    reports = [r for r in rows if r["kind"] == "report"]
+    if reports:
+        r = reports[-1]
+        out += [f"**Report**, {r['model']} {r['bits']}: val500 top-1 {fmt(r['top1'], 1)} (FP32 {fmt(r['fp32_top1'], 1)});"
+                f" on {r['samples']} calibration images logit SNR {fmt(r['logit_snr_db'])} dB, top-1 agreement"
+                f" {fmt(r['agreement'], 1)}%; measured in {fmt(r['report_s'], 1)} s, page {fmt(r['html_kb'], 0)} KB,"
+                f" renders in headless Chromium: {fmt(r.get('chromium_rendered'))}. Five worst layers alone: "
+                + ", ".join(f"{n} ({v:.1f} dB)" for n, v in r["worst"]) + ".", ""]
+    keep = [r for r in rows if r["kind"] == "keep8"]
+    if keep:
+        base = keep[-1]["base_top1"]
+        out += ["**One layer kept at 8 bits** (weights and input), the rest at " + keep[-1]["bits"] + f" (top-1 {fmt(base, 1)}):"
+                " the report's five worst layers alone, and as a contrast its five best low-bit layers.", "",
+                "| group | rank | layer | SQNR alone dB | val500 top-1 | gain |", "|---|---|---|---|---|---|"]
+        latest: OrderedDict = OrderedDict()
+        for r in keep:
+            latest[(r["group"], r["layer"])] = r
+        for r in latest.values():
+            out.append(f"| {r['group']} | {r['rank']}/{r['of']} | {r['layer']} | {fmt(r['sqnr_alone_db'], 1)} | "
+                       f"{fmt(r['top1'], 1)} | {r['gain']:+.1f} |")
+        for group in ("worst", "best"):
+            gains = [r["gain"] for r in latest.values() if r["group"] == group]
+            if gains:
+                out.append(f"| {group} five, mean | | | | | {sum(gains) / len(gains):+.1f} |")
+        out.append("")
+    free = [r for r in rows if r["kind"] == "data_free"]
+    if free:
+        out += ["**Data-free calibration** (w8a8, BatchNorm statistics, no images) next to 256 calibration images:", "",
+                "| model | calibration | val500 top-1 | drop | compile s |", "|---|---|---|---|---|"]
+        latest = OrderedDict()
+        for r in free:
+            latest[(r["model"], r["calibration"])] = r
+        for r in latest.values():
+            if "refused" in r:
+                out.append(f"| {r['model']} | {r['calibration']} | refused: {r['refused'].split(';')[0]} | | |")
+            else:
+                out.append(f"| {r['model']} | {r['calibration']} | {fmt(r['top1'], 1)} | {fmt(r['drop'], 1)} | "
+                           f"{fmt(r['compile_s'], 1)} |")
+        out.append("")
+    md = [r for r in rows if r["kind"] == "max_drop"]
+    if md:
+        out += ["**`--max-drop 1.0`** on MobileNetV2: the shortest prefix of the SQNR-alone ranking raised to 8 bits"
+                " whose estimated drop on held-out calibration images (never calibrated on) is at most 1 point with 95%"
+                " confidence; then val500.", "",
+                "| base bits | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 | val500 drop |"
+                " weights MB | search s |", "|---|---|---|---|---|---|---|---|"]
+        latest = OrderedDict()
+        for r in md:
+            latest[r["bits"]] = r
+        for r in latest.values():
+            out.append(f"| {r['bits']} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
+                       f"{fmt(r['held_out_drop'])} ({fmt(r.get('held_out_bound'))}) | {fmt(r['top1'], 1)} | "
+                       f"{fmt(r['drop'], 1)} | {fmt(r['weights_mb'], 3)} | {fmt(r['search_s'], 0)} |")
+        out.append("")
+    return out
 
 
 def verification(rows: list[dict]) -> list[str]:

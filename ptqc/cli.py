@@ -334,32 +334,13 @@ def sensitivity(model, calib, shorthand, calib_size, eval_size, labels, top, as_
     Compiles the model once per layer, so it takes minutes on a real network (a progress bar shows the ETA).
     Keep the worst layers at 8 bits with `ptqc compile --bits NAME=8`.
     """
-    import numpy as np
-
     from ptqc.config import QuantConfig, parse_shorthand
-    from ptqc.data import ImageFolder, open_dataset, read_labels
-    from ptqc.sensitivity import analyse, held_out_from
+    from ptqc.mixed import held_out
+    from ptqc.sensitivity import analyse
 
     wb, ab = parse_shorthand(shorthand)
     pre = _make_pre(preset, size, mean, std)
-    data = open_dataset(calib, pre, limit=calib_size + eval_size)
-    if len(data) <= calib_size:
-        raise PtqcError(f"--calib has {len(data)} samples; sensitivity needs more than --calib-size ({calib_size}) "
-                        "to score on the rest")
-    y = None
-    if isinstance(data, ImageFolder):
-        data.files = data.files[calib_size:]
-        if labels:
-            table = read_labels(labels)
-            import os
-
-            missing = [f for f in data.files if os.path.basename(f) not in table]
-            if missing:
-                raise PtqcError(f"{len(missing)} held-out images have no label, e.g. {os.path.basename(missing[0])}")
-            y = np.array([table[os.path.basename(f)] for f in data.files])
-        held = held_out_from(data, eval_size)
-    else:
-        held = held_out_from(data, calib_size + eval_size)[calib_size:]
+    held, y = held_out(calib, pre, calib_size, eval_size, labels, what="sensitivity")
     result = analyse(model, calib, QuantConfig(wb, ab, calib_size=calib_size), held, y, pre)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=1))

@@ -5,7 +5,8 @@ input).  The ranking comes from the per-layer report of the all-low-bit model: l
 alone (one compile and one analysis run, seconds), or from ``ptqc sensitivity`` (one compile per layer).
 
 * ``--max-drop D``: the shortest prefix whose estimated top-1 drop on held-out samples is at most ``D``
-  points, by bisection over the prefix length (about log2(layers) compiles).  The held-out samples are the
+  points with 95% confidence (mean + 1.645 standard errors), by bisection over the prefix length (about
+  log2(layers) compiles).  The held-out samples are the
   ones after the calibration samples in the same data, never the calibration samples themselves.  With
   labels, the drop is measured top-1; without, it is estimated from the float model's own softmax
   probabilities ``p``: ``mean(p[argmax fp] - p[argmax q])``, the expected drop if the float model is
@@ -37,13 +38,14 @@ class Choice:
     raised: list[str]  # layers raised to 8 bits, most harmful first
     ranking: list[str]
     estimate: float | None = None  # the held-out drop (points) of the chosen model
+    upper: float | None = None  # its one-sided 95% upper bound, which the budget applies to
     size_mb: float | None = None
-    trials: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (prefix length, drop)
+    trials: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # (prefix length, drop, bound)
 
     def describe(self) -> str:
         what = f"{len(self.raised)} of {len(self.ranking)} layers at 8 bits"
         if self.estimate is not None:
-            what += f", held-out drop {self.estimate:.2f} points"
+            what += f", held-out drop {self.estimate:.2f} points (95% bound {self.upper:.2f})"
         if self.size_mb is not None:
             what += f", weights {self.size_mb:.3f} MB"
         return f"{self.criterion}: {what}" + (f" ({', '.join(self.raised)})" if self.raised else "")
@@ -55,14 +57,31 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def estimated_drop(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> float:
-    """Top-1 drop in points: measured with labels, else expected under the float model's probabilities."""
+#: one-sided 95% normal quantile: --max-drop holds the *upper* bound of the held-out drop to the budget
+Z_95 = 1.645
+
+
+def per_image_drop(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Each image's contribution to the top-1 drop (a fraction): with labels, FP correct minus quantized correct;
+    without, ``p[argmax fp] - p[argmax q]`` under the float model's softmax ``p``."""
     fp, q = fp.reshape(len(fp), -1), q.reshape(len(q), -1)
     if labels is not None:
-        return 100.0 * float(np.mean(fp.argmax(1) == labels) - np.mean(q.argmax(1) == labels))
+        return (fp.argmax(1) == labels).astype(np.float64) - (q.argmax(1) == labels)
     p = softmax(fp)
     rows = np.arange(len(fp))
-    return 100.0 * float(np.mean(p[rows, fp.argmax(1)] - p[rows, q.argmax(1)]))
+    return p[rows, fp.argmax(1)] - p[rows, q.argmax(1)]
+
+
+def estimated_drop(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> float:
+    """Top-1 drop in points: measured with labels, else expected under the float model's probabilities."""
+    return 100.0 * float(np.mean(per_image_drop(fp, q, labels)))
+
+
+def drop_bound(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> tuple[float, float]:
+    """(drop, one-sided 95% upper bound) in points; the bound adds 1.645 standard errors of the mean."""
+    d = per_image_drop(fp, q, labels)
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return 100.0 * float(np.mean(d)), 100.0 * (float(np.mean(d)) + Z_95 * se)
 
 
 def weight_bytes(model: onnx.ModelProto) -> float:
@@ -104,7 +123,9 @@ def with_raised(config: QuantConfig, names: list[str]) -> QuantConfig:
 
 def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_out: np.ndarray,
              labels: np.ndarray | None = None, ranking: list[str] | None = None) -> tuple[QuantConfig, Choice]:
-    """The fewest top-ranked layers at 8 bits whose held-out drop is at most ``budget`` points."""
+    """The fewest top-ranked layers at 8 bits whose held-out drop is at most ``budget`` points, with 95%
+    confidence: the one-sided upper bound (mean + 1.645 standard errors over the held-out images) is what
+    must fit, since one test set of a few hundred images moves the measured drop by about a point."""
     import ptqc
 
     session = runtime.make_session(model)
@@ -112,19 +133,21 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
     fp = runtime.run(session, {input_name: held_out})[0]
     ranking = ranking if ranking is not None else rank_layers(model, calib, config, preprocess)
     choice = Choice(f"max-drop {budget:g}", [], ranking)
-    cache: dict[int, tuple[float, onnx.ModelProto]] = {}
+    cache: dict[int, tuple[float, float, onnx.ModelProto]] = {}
 
     def drop_at(k: int) -> float:
+        """The upper bound of the held-out drop with the first ``k`` ranked layers at 8 bits."""
         if k not in cache:
             cfg = with_raised(config, ranking[:k])
             q_model = ptqc.compile(model, calib, cfg, preprocess).model
             q_session = runtime.make_session(q_model)
             q = runtime.run(q_session, {input_name: held_out})[0]
-            cache[k] = (estimated_drop(fp, q, labels), q_model)
-            choice.trials.append((k, cache[k][0]))
+            mean, upper = drop_bound(fp, q, labels)
+            cache[k] = (mean, upper, q_model)
+            choice.trials.append((k, mean, upper))
             bar.update(1)
-            logger.info("max-drop: %d layers at 8 bits -> held-out drop %.2f points", k, cache[k][0])
-        return cache[k][0]
+            logger.info("max-drop: %d layers at 8 bits -> held-out drop %.2f points (95%% bound %.2f)", k, mean, upper)
+        return cache[k][1]
 
     lo, hi = 0, len(ranking)
     bar = progress.counter("max-drop search", total=2 + int(np.ceil(np.log2(max(hi, 1)))), unit="compile")
@@ -133,7 +156,8 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
             hi = 0
         elif drop_at(hi) > budget:
             raise PtqcError(f"--max-drop {budget:g}: even with all {len(ranking)} ranked layers at 8 bits the "
-                            f"held-out drop is {drop_at(hi):.2f} points; try higher base bit widths")
+                            f"held-out drop's 95% bound is {drop_at(hi):.2f} points; try higher base bit widths, "
+                            "or more held-out samples (--eval-size)")
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if drop_at(mid) <= budget:
@@ -143,8 +167,8 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
     finally:
         bar.close()
     choice.raised = ranking[:hi]
-    choice.estimate = drop_at(hi)
-    choice.size_mb = weight_bytes(cache[hi][1]) / 1e6
+    choice.estimate, choice.upper = cache[hi][0], cache[hi][1]
+    choice.size_mb = weight_bytes(cache[hi][2]) / 1e6
     return with_raised(config, choice.raised), choice
 
 
@@ -196,7 +220,8 @@ def _layer_params(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return out
 
 
-def held_out(calib, preprocess, calib_size: int, count: int, labels: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def held_out(calib, preprocess, calib_size: int, count: int, labels: str | None = None,
+             what: str = "--max-drop") -> tuple[np.ndarray, np.ndarray | None]:
     """The ``count`` samples after the first ``calib_size`` of ``calib`` (and their labels, from a labels file)."""
     import os
 
@@ -205,7 +230,7 @@ def held_out(calib, preprocess, calib_size: int, count: int, labels: str | None 
 
     data = open_dataset(calib, preprocess, limit=calib_size + count)
     if len(data) <= calib_size:
-        raise PtqcError(f"--max-drop scores on the samples after the first {calib_size} of --calib, and it has only "
+        raise PtqcError(f"{what} scores on the samples after the first {calib_size} of --calib, and it has only "
                         f"{len(data)}; pass more data or a smaller --calib-size")
     if not isinstance(data, ImageFolder):
         if labels:

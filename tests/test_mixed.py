@@ -22,6 +22,10 @@ def test_estimated_drop_by_hand():
     labels = np.array([0, 0, 2])
     assert mixed.estimated_drop(fp, q, labels) == pytest.approx(100 / 3)
     assert mixed.estimated_drop(fp, fp) == 0.0
+    d = np.array([0.0, 0.05, 0.0])
+    mean, upper = mixed.drop_bound(fp, q)
+    assert mean == pytest.approx(100 * d.mean())
+    assert upper == pytest.approx(100 * (d.mean() + 1.645 * d.std(ddof=1) / np.sqrt(3)))
 
 
 def _kept(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
@@ -86,11 +90,13 @@ def test_max_drop_picks_the_shortest_prefix_that_meets_the_budget():
     new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, budget, held)
     fp = run(model, held)[0]
     q = run(ptqc.compile(model, x[:32], new_cfg).model, held)[0]
-    assert mixed.estimated_drop(fp, q) == pytest.approx(choice.estimate) and choice.estimate <= budget
+    mean, upper = mixed.drop_bound(fp, q)
+    assert (mean, upper) == pytest.approx((choice.estimate, choice.upper)) and upper <= budget
+    bounds = {k: b for k, _, b in choice.trials}
     k = len(choice.raised)
-    assert dict(choice.trials)[k] <= budget
+    assert bounds[k] <= budget
     if k > 0:  # bisection ends next to a prefix one layer shorter that it tried and that missed the budget
-        assert dict(choice.trials)[k - 1] > budget
+        assert bounds[k - 1] > budget
 
 
 def test_cli_max_drop_writes_the_choice_into_the_model(tmp_path):
