@@ -131,13 +131,16 @@ def debugging(rows: list[dict]) -> list[str]:
         out += ["**`--max-drop 1.0`** on MobileNetV2: the shortest prefix of the SQNR-alone ranking raised to 8 bits"
                 " whose estimated drop on held-out calibration images (never calibrated on) is at most 1 point with 95%"
                 " confidence; then val500.", "",
-                "| base bits | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 | val500 drop |"
+                "| base bits, held-out score | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 | val500 drop |"
                 " weights MB | search s |", "|---|---|---|---|---|---|---|---|"]
         latest = OrderedDict()
         for r in md:
-            latest[r["bits"]] = r
+            latest[(r["bits"], r.get("scored_by", "softmax estimate"))] = r
         for r in latest.values():
-            out.append(f"| {r['bits']} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
+            if "refused" in r:
+                out.append(f"| {r['bits']} | refused: {r['refused']} | | | | | | |")
+                continue
+            out.append(f"| {r['bits']}, {r.get('scored_by', 'softmax estimate')} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
                        f"{fmt(r['held_out_drop'])} ({fmt(r.get('held_out_bound'))}) | {fmt(r['top1'], 1)} | "
                        f"{fmt(r['drop'], 1)} | {fmt(r['weights_mb'], 3)} | {fmt(r['search_s'], 0)} |")
         out.append("")

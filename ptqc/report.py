@@ -479,6 +479,14 @@ def hints(report: Report) -> list[str]:
     layers = [layer for layer in report.layers if math.isfinite(layer.sqnr_alone_db)]
     if not layers:
         return ["Every layer is exact on these samples: nothing to fix."]
+    # where the accumulated error builds up fastest: early losses compound through the rest of the network
+    steps = [(prev, cur) for prev, cur in zip(report.layers, report.layers[1:])
+             if math.isfinite(prev.sqnr_db) and math.isfinite(cur.sqnr_db)]
+    if steps:
+        prev, cur = max(steps, key=lambda pc: pc[0].sqnr_db - pc[1].sqnr_db)
+        if prev.sqnr_db - cur.sqnr_db > 3.0:
+            out.append(f"The accumulated SQNR falls fastest at {cur.name}: {prev.sqnr_db:.1f} -> {cur.sqnr_db:.1f} dB; "
+                       f"try it at 8 bits first (--bits {cur.name}=8).")
     # noise-to-signal of each layer alone; their sum approximates the total when errors are independent
     nsr = {layer.name: 10.0 ** (-layer.sqnr_alone_db / 10.0) for layer in layers}
     total = sum(nsr.values())
@@ -503,16 +511,10 @@ def hints(report: Report) -> list[str]:
             out.append(f"The input of {layer.name} ({t_in.name}) is limited by its {t_in.bits}-bit grid (rounding "
                        f"error {t_in.round_error / max(t_in.clip_error + t_in.round_error, 1e-30):.0%} of its "
                        f"quantizer's error): --bits {layer.name}=w{layer.weight_bits}a8 raises only that input.")
-    # where the accumulated error builds up fastest
-    steps = [(prev, cur) for prev, cur in zip(report.layers, report.layers[1:])
-             if math.isfinite(prev.sqnr_db) and math.isfinite(cur.sqnr_db)]
-    if steps:
-        prev, cur = max(steps, key=lambda pc: pc[0].sqnr_db - pc[1].sqnr_db)
-        if prev.sqnr_db - cur.sqnr_db > 3.0:
-            out.append(f"The accumulated SQNR falls fastest at {cur.name}: {prev.sqnr_db:.1f} -> {cur.sqnr_db:.1f} dB.")
     if report.logit_snr_db < 10.0:
-        out.append(f"Logit SNR is {report.logit_snr_db:.1f} dB: `ptqc compile --max-drop 1.0` picks 8-bit layers "
-                   f"automatically from the sensitivity ranking.")
+        out.append(f"Logit SNR is {report.logit_snr_db:.1f} dB: `ptqc compile --max-drop 1.0` raises layers to 8 bits "
+                   f"in this report's order until the held-out drop fits; `ptqc sensitivity` ranks them by their "
+                   f"effect on the logits (slower, one compile per layer).")
     if not out:
         out.append("No single layer dominates the error; the loss is spread across the network.")
     return out
