@@ -33,12 +33,12 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+from ptqc.passes.fold_batchnorm import const
+from ptqc.passes.plan_quantization import clip_bounds
 
 from ptqc.annotations import ACT, BN, HIST, MEAN, PASSTHROUGH_OPS, WEIGHT
 from ptqc.data import Preprocess
 from ptqc.errors import PtqcError
-from ptqc.passes.fold_batchnorm import const
-from ptqc.passes.plan_quantization import clip_bounds
 from ptqc.quant import Histogram
 
 logger = logging.getLogger(__name__)

@@ -194,7 +194,6 @@ def read_layers(q: onnx.ModelProto, tensors: dict[str, TensorStats]) -> list[Lay
 def _output_quantizer(layer: onnx.NodeProto, consumers) -> tuple[str, onnx.NodeProto | None]:
     """(tensor name, DequantizeLinear) of the quantizer a layer writes, or (its float output, None)."""
     out = layer.output[0]
-    chain = [out]
     seen = out
     while True:
         users = consumers.get(seen, [])
@@ -206,7 +205,6 @@ def _output_quantizer(layer: onnx.NodeProto, consumers) -> tuple[str, onnx.NodeP
         if user.op_type == "DequantizeLinear":
             return _meta(user)["ptqc.tensor"], user
         seen = user.output[0]
-        chain.append(seen)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,7 +354,7 @@ def build_analysis_model(fp: onnx.ModelProto, q: onnx.ModelProto, tensors: dict[
 class _Acc:
     """Streamed sums for one comparison."""
 
-    __slots__ = ("signal", "noise", "n")
+    __slots__ = ("n", "noise", "signal")
 
     def __init__(self) -> None:
         self.signal = self.noise = 0.0
