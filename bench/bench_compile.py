@@ -122,7 +122,8 @@ def fused_convs(model_path: str) -> tuple[int, int]:
 
 
 def emit(record: dict, out_path: str) -> None:
-    line = json.dumps(record, sort_keys=True)
+    """Print ``record`` as one JSON line and append it to ``out_path`` (numpy scalars become floats)."""
+    line = json.dumps(record, sort_keys=True, default=float)
     print(line, flush=True)
     with open(out_path, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")

@@ -20,7 +20,6 @@ Validation images are only ever evaluated on, never calibrated or searched on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -28,17 +27,10 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficientnet_lite0_bn": "lite"}
+from bench_compile import HERE, MODELS, emit
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def emit(record: dict, out_path: str) -> None:
-    line = json.dumps(record, sort_keys=True, default=float)
-    print(line, flush=True)
-    with open(out_path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ Adds keep onnxruntime from fusing those Convs.  One JSON line per run, appended 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench_compile import HERE, MODELS, latency_ms
+from bench_compile import HERE, MODELS, emit, latency_ms
 
 
 def main(argv=None) -> int:
@@ -74,10 +73,7 @@ def main(argv=None) -> int:
                         with tempfile.NamedTemporaryFile(suffix=".onnx") as tmp:
                             onnx.save(model, tmp.name)
                             rec["lat_b32_ms"] = latency_ms(tmp.name, 32, 2, 10)
-                    line = json.dumps(rec, sort_keys=True)
-                    print(line, flush=True)
-                    with open(args.out, "a", encoding="utf-8") as fh:
-                        fh.write(line + "\n")
+                    emit(rec, args.out)
     return 0
 
 

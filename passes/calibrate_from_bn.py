@@ -101,10 +101,6 @@ class _Stats:
         self.gsd = self.sd if gsd is None else np.asarray(gsd, np.float64).reshape(-1)
 
 
-def has_batchnorm(model: ir.Model) -> bool:
-    return any(BN in node.meta for node in model.graph) or any(n.op_type == "BatchNormalization" for n in model.graph)
-
-
 class CalibrateFromBnPass(ir.passes.InPlacePass):
     """Activation histograms and layer-input means from BatchNorm statistics, without data."""
 

@@ -107,11 +107,16 @@ def weight_bytes(model: onnx.ModelProto) -> float:
 
 def rank_layers(model, calib, config: QuantConfig, preprocess, samples: int = 32) -> list[str]:
     """Layers of the all-low-bit model, lowest SQNR alone first (8-bit first/last layers excluded)."""
+    return _ranked(model, calib, config, preprocess, samples)[0]
+
+
+def _ranked(model, calib, config: QuantConfig, preprocess, samples: int = 32) -> tuple[list[str], onnx.ModelProto]:
+    """The ranking of :func:`rank_layers`, and the all-low-bit model it was measured on."""
     import ptqc
 
     result = ptqc.compile(model, calib, config, preprocess, report_samples=samples)
     low = [layer for layer in result.report.layers if layer.weight_bits < 7 or layer.input_bits < 8]
-    return [layer.name for layer in sorted(low, key=lambda layer: layer.sqnr_alone_db)]
+    return [layer.name for layer in sorted(low, key=lambda layer: layer.sqnr_alone_db)], result.model
 
 
 def with_raised(config: QuantConfig, names: list[str]) -> QuantConfig:
@@ -131,15 +136,16 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
     session = runtime.make_session(model)
     input_name = session.get_inputs()[0].name
     fp = runtime.run(session, {input_name: held_out})[0]
-    ranking = ranking if ranking is not None else rank_layers(model, calib, config, preprocess)
+    compiled: dict[int, onnx.ModelProto] = {}  # the ranking's own compile is the 0-layer trial
+    if ranking is None:
+        ranking, compiled[0] = _ranked(model, calib, config, preprocess)
     choice = Choice(f"max-drop {budget:g}", [], ranking)
     cache: dict[int, tuple[float, float, onnx.ModelProto]] = {}
 
     def drop_at(k: int) -> float:
         """The upper bound of the held-out drop with the first ``k`` ranked layers at 8 bits."""
         if k not in cache:
-            cfg = with_raised(config, ranking[:k])
-            q_model = ptqc.compile(model, calib, cfg, preprocess).model
+            q_model = compiled.pop(k, None) or ptqc.compile(model, calib, with_raised(config, ranking[:k]), preprocess).model
             q_session = runtime.make_session(q_model)
             q = runtime.run(q_session, {input_name: held_out})[0]
             mean, upper = drop_bound(fp, q, labels)
@@ -178,10 +184,12 @@ def target_size(model, calib, config: QuantConfig, preprocess, megabytes: float,
     import ptqc
     from ptqc.sensitivity import layer_names
 
-    ranking = ranking if ranking is not None else rank_layers(model, calib, config, preprocess)
+    if ranking is None:
+        ranking, base = _ranked(model, calib, config, preprocess)
+    else:
+        base = ptqc.compile(model, calib, config, preprocess).model
     budget = megabytes * 1e6
-    # weights per layer at each width, from the float model: bytes grow by params * (8 - bits) / 8 when raised
-    base = ptqc.compile(model, calib, config, preprocess).model
+    # a layer raised to 8 bits grows by params * (8 - bits) / 8 bytes
     size = weight_bytes(base)
     if size > budget:
         raise PtqcError(f"--target-size {megabytes:g} MB: the model is {size / 1e6:.3f} MB with every layer at the low "

@@ -303,7 +303,7 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
 
 
 def build_analysis_model(fp: onnx.ModelProto, q: onnx.ModelProto, tensors: dict[str, TensorStats],
-                         layers: list[LayerStats]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]], dict[str, tuple[str, str]], tuple[str, str]]:
+                         dqs: dict[str, onnx.NodeProto], layers: list[LayerStats]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]], dict[str, tuple[str, str]], tuple[str, str]]:
     """The combined float + QDQ + layer-alone graph.
 
     Returns the model, ``{tensor: (float output, quantized output)}``, ``{layer: (float reference, alone
@@ -324,7 +324,6 @@ def build_analysis_model(fp: onnx.ModelProto, q: onnx.ModelProto, tensors: dict[
     del graph.output[:]
     outputs: list[str] = []
     pairs: dict[str, tuple[str, str]] = {}
-    _, dqs = read_quantizers(q)
     for name in tensors:
         if name not in fp_names:
             raise PtqcError(f"the float model has no tensor {name!r}; was the quantized model compiled from it?")
@@ -392,9 +391,10 @@ def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data
 
     q = read_model(quantized) if not isinstance(quantized, onnx.ModelProto) else quantized
     fp = prepare_float(model)
-    tensors, _ = read_quantizers(q)
+    tensors, dqs = read_quantizers(q)
     layers = read_layers(q, tensors)
-    combined, pairs, alone, logits = build_analysis_model(fp, q, tensors, layers)
+    by_name = {layer.name: layer for layer in layers}
+    combined, pairs, alone, logits = build_analysis_model(fp, q, tensors, dqs, layers)
     session = runtime.make_session(combined, arena=False, what="the report's analysis graph", fuse=False)
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
@@ -432,7 +432,7 @@ def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data
             take = min(flat.size, max(1, SAMPLE_CAP // max(1, -(-limit // batch_size))))
             kept[name].append(flat[rng.choice(flat.size, take, replace=False)].astype(np.float32))
         for name, (ref_name, out) in alone.items():
-            layer = next(x for x in layers if x.name == name)
+            layer = by_name[name]
             scale = tensors[layer.output_tensor].fp_scale if layer.output_bits is not None else 1.0
             lay[name].add(outs[ref_name].astype(np.float64) * scale, outs[out])
         logit_acc.add(outs[logits[0]], outs[logits[1]])

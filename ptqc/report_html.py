@@ -194,18 +194,6 @@ the {len(worst_layers)} worst layers alone.</p>
 
 def write(report: Report, path: str) -> None:
     """Write the page atomically."""
-    import os
-    import tempfile
+    from ptqc.writer import write_atomic
 
-    text = render(report)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ptqc-report-", suffix=".html", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(render(report).encode("utf-8"), path, ".html.tmp")

@@ -38,13 +38,18 @@ def umask_mode() -> int:
 
 
 def save_atomic(proto: onnx.ModelProto, path: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+    """Write the model to a temporary file beside ``path`` and rename it into place."""
+    write_atomic(proto.SerializeToString(deterministic=True), path, ".onnx.tmp")
+
+
+def write_atomic(data: bytes, path: str, suffix: str = ".tmp") -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a half-written file."""
     check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".ptqc-", suffix=".onnx.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".ptqc-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString(deterministic=True))
+            fh.write(data)
         os.chmod(tmp, umask_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
