@@ -103,7 +103,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--w2a2", "shorthand", flag_value="w2a2", help="2-bit weights, 2-bit activations.")
 @click.option("--weight-bits", type=int, default=None, help="Weight bit width, 2-8 (overrides the shorthand).")
 @click.option("--bits", "layer_bits", multiple=True, metavar="NAME=N",
-              help="Per-layer precision (repeatable): layer NAME's weights and input at N bits, or NAME=wXaY.")
+              help="Per-layer precision (repeatable): layer NAME's weights and input at N bits, or NAME=wXaY; "
+                   "an output only Adds or pooling read is raised with it.")
 @click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
               help="Leave layer NAME in float (repeatable); the model is then not integer-only.")
 @click.option("--max-drop", type=float, default=None, metavar="POINTS",

@@ -35,6 +35,20 @@ def test_layer_bits_override_weights_and_input():
     assert inspect_model(q).ok
 
 
+def test_raised_layer_raises_an_output_only_an_add_reads():
+    """resnet_like's second block conv writes a tensor only the residual Add reads: no other layer's setting
+    reaches it, so raising that conv raises it too; the first block conv's output feeds a layer, and stays."""
+    model = resnet_like(1)
+    names = [n for n, _ in layer_names(model)]
+    branch, inner = names[2], names[1]
+    outputs = lambda q: {r.name: r.a_bits.split("->")[1] for r in inspect_model(q).rows if r.op == "Conv"}
+    compiled = lambda bits: outputs(ptqc.compile(model, CALIB, ptqc.QuantConfig(4, 4, calib_size=48, layer_bits=bits)).model)
+    base = compiled({})
+    assert base[branch] == base[inner] == "4"
+    assert compiled({branch: 8})[branch] == "8"
+    assert compiled({inner: 8})[inner] == "4"
+
+
 def test_unknown_layer_name_is_one_clear_error():
     with pytest.raises(PtqcError, match="no quantizable layer named 'nope'"):
         ptqc.compile(resnet_like(1), CALIB, ptqc.QuantConfig(4, 4, calib_size=16, layer_bits={"nope": 8}))
