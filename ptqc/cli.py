@@ -128,7 +128,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Calibration batch size (peak memory grows with it, not with --calib-size).")
 @click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
-              help="Activation exponent: least squared error, or no clipping; auto = max at 8 bits, mse below.")
+              help="Activation exponent: least squared error, or no clipping; auto = max for unsigned 8-bit tensors, mse otherwise.")
 @click.option("--no-pair-safe", is_flag=True,
               help="Give the first layer full 8-bit weights; onnxruntime's int8 kernel on CPUs without VNNI may "
                    "then saturate there (docs/integer.md).")

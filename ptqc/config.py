@@ -32,7 +32,7 @@ class QuantConfig:
     calib_size: int = 256
     batch_size: int = 16
     #: activation exponent rule: "mse" (least squared error on the histogram), "max" (no clipping), or
-    #: "auto" (max for 8-bit tensors, mse below)
+    #: "auto" (max for unsigned 8-bit tensors, mse for signed 8-bit ones and below 8 bits)
     act_method: str = "auto"
     #: subtract the mean output error of weight rounding from each layer's bias
     bias_correction: bool = True

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ptqc.quant import Histogram, fake_quantize, int_range, is_pow2, quantize, weight_exponents
+from ptqc.quant import Histogram, fake_quantize, int_range, is_pow2, needs_histogram, quantize, weight_exponents
 
 
 def test_int_ranges():
@@ -57,6 +57,20 @@ def test_best_exponent_is_the_direct_argmin():
     # "max" never clips: the grid covers the largest value
     e = h.best_exponent(8, False, method="max")
     assert 255 * 2.0**e >= x.max() > 255 * 2.0 ** (e - 1)
+
+
+def test_auto_clips_signed_8bit_tails_and_not_unsigned_ones():
+    """At 8 bits "auto" is the MSE rule for a signed tensor (a heavy-tailed one then gets a finer grid than
+    no-clip) and the no-clip rule for an unsigned one; below 8 bits it is MSE for both."""
+    x = np.random.default_rng(3).standard_t(2, 200_000).astype(np.float32)  # heavy tails
+    signed, unsigned = Histogram(), Histogram()
+    signed.add(x)
+    unsigned.add(np.abs(x))
+    assert signed.best_exponent(8, True, method="auto") == signed.best_exponent(8, True, method="mse")
+    assert signed.best_exponent(8, True, method="auto") < signed.best_exponent(8, True, method="max")
+    assert unsigned.best_exponent(8, False, method="auto") == unsigned.best_exponent(8, False, method="max")
+    assert unsigned.best_exponent(4, False, method="auto") == unsigned.best_exponent(4, False, method="mse")
+    assert needs_histogram("auto", 8, True) and not needs_histogram("auto", 8, False) and needs_histogram("auto", 4, False)
 
 
 def test_histogram_memory_is_fixed_and_flags_nonfinite():
