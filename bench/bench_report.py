@@ -154,7 +154,7 @@ def main() -> None:
             emit({"kind": "max_drop", "model": name, "bits": bits, "budget": 1.0, "raised": choice.raised,
                   "n_raised": len(choice.raised), "ranked": len(choice.ranking), "held_out_drop": round(choice.estimate, 2),
                   "held_out_bound": round(choice.upper, 2), "held_out_images": len(held),
-                  "scored_by": "top-1 with labels" if held_y is not None else "softmax estimate",
+                  "scored_by": "top-1 with labels" if held_y is not None else "confidence lost on changed answers",
                   "trials": choice.trials, "fp32_top1": fp_top1, "top1": acc, "drop": round(fp_top1 - acc, 2),
                   "weights_mb": round(choice.size_mb, 3), "search_s": round(seconds, 1)}, args.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -109,8 +109,8 @@ def main(quiet: bool, verbose: bool) -> None:
               help="Leave layer NAME in float (repeatable); the model is then not integer-only.")
 @click.option("--max-drop", type=float, default=None, metavar="POINTS",
               help="Raise the most harmful layers to 8 bits until the top-1 drop on held-out samples (those after "
-                   "--calib-size in --calib) is at most POINTS with 95% confidence; estimated from the float "
-                   "model's softmax, or measured with --labels.")
+                   "--calib-size in --calib) is at most POINTS with 95% confidence; estimated as the float "
+                   "model's confidence lost on changed answers, or measured with --labels.")
 @click.option("--target-size", type=float, default=None, metavar="MB",
               help="Raise the most harmful layers to 8 bits while the weights fit in MB megabytes.")
 @click.option("--eval-size", type=int, default=256, show_default=True, help="Held-out samples for --max-drop.")

@@ -17,12 +17,12 @@ from ptqc.inspect import inspect_model
 def test_estimated_drop_by_hand():
     fp = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]))
     q = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])  # disagrees on the second image only
-    # expected drop = (0.4 - 0.35) / 3 images, in points
-    assert mixed.estimated_drop(fp, q) == pytest.approx(100 * 0.05 / 3)
+    # the changed answer loses the float model's 0.4 confidence in it, over 3 images, in points
+    assert mixed.estimated_drop(fp, q) == pytest.approx(100 * 0.4 / 3)
     labels = np.array([0, 0, 2])
     assert mixed.estimated_drop(fp, q, labels) == pytest.approx(100 / 3)
     assert mixed.estimated_drop(fp, fp) == 0.0
-    d = np.array([0.0, 0.05, 0.0])
+    d = np.array([0.0, 0.4, 0.0])
     mean, upper = mixed.drop_bound(fp, q)
     assert mean == pytest.approx(100 * d.mean())
     assert upper == pytest.approx(100 * (d.mean() + 1.645 * d.std(ddof=1) / np.sqrt(3)))
