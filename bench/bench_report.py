@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=["report", "keep8", "data_free", "max_drop"])
     ap.add_argument("--max-drop-bits", nargs="*", default=["w4a8", "w4a4"])
+    ap.add_argument("--max-drop-budgets", nargs="*", type=float, default=[1.0], help="--max-drop budgets to run.")
     ap.add_argument("--eval-size", type=int, default=744, help="Held-out calibration images --max-drop scores on.")
     ap.add_argument("--max-drop-labels", action="store_true",
                     help="Score --max-drop by measured top-1 on the held-out calibration images (imagenet/calib/labels.txt).")
@@ -137,24 +138,26 @@ def main() -> None:
     if "max_drop" in args.only:
         labels = os.path.join(calib, "labels.txt") if args.max_drop_labels else None
         held, held_y = mixed.held_out(calib, pre, args.calib_size, args.eval_size, labels)
-        for bits in args.max_drop_bits:
+        scored_by = "top-1 with labels" if held_y is not None else "confidence lost on changed answers"
+        for bits, budget in ((b, d) for d in args.max_drop_budgets for b in args.max_drop_bits):
             b_w, b_a = parse_shorthand(bits)
             start = time.perf_counter()
             try:
                 new_cfg, choice = mixed.max_drop(path, calib, QuantConfig(b_w, b_a, calib_size=args.calib_size), pre,
-                                                 1.0, held, held_y)
+                                                 budget, held, held_y)
             except PtqcError as exc:
-                emit({"kind": "max_drop", "model": name, "bits": bits, "budget": 1.0, "refused": str(exc)}, args.out)
+                emit({"kind": "max_drop", "model": name, "bits": bits, "budget": budget, "refused": str(exc),
+                      "scored_by": scored_by}, args.out)
                 continue
             q = ptqc.compile(path, calib, new_cfg, pre).model
             seconds = time.perf_counter() - start
-            out = os.path.join(work, f"maxdrop_{bits}.onnx")
+            out = os.path.join(work, f"maxdrop_{bits}_{budget:g}.onnx")
             onnx.save(q, out)
             acc = top1(q, name)
-            emit({"kind": "max_drop", "model": name, "bits": bits, "budget": 1.0, "raised": choice.raised,
+            emit({"kind": "max_drop", "model": name, "bits": bits, "budget": budget, "raised": choice.raised,
                   "n_raised": len(choice.raised), "ranked": len(choice.ranking), "held_out_drop": round(choice.estimate, 2),
                   "held_out_bound": round(choice.upper, 2), "held_out_images": len(held),
-                  "scored_by": "top-1 with labels" if held_y is not None else "confidence lost on changed answers",
+                  "scored_by": scored_by,
                   "trials": choice.trials, "fp32_top1": fp_top1, "top1": acc, "drop": round(fp_top1 - acc, 2),
                   "weights_mb": round(choice.size_mb, 3), "search_s": round(seconds, 1)}, args.out)
     shutil.rmtree(work, ignore_errors=True)

@@ -128,19 +128,21 @@ def debugging(rows: list[dict]) -> list[str]:
         out.append("")
     md = [r for r in rows if r["kind"] == "max_drop"]
     if md:
-        out += ["**`--max-drop 1.0`** on MobileNetV2: the shortest prefix of the SQNR-alone ranking raised to 8 bits"
-                " whose estimated drop on held-out calibration images (never calibrated on) is at most 1 point with 95%"
-                " confidence; then val500.", "",
-                "| base bits, held-out score | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 | val500 drop |"
-                " weights MB | search s |", "|---|---|---|---|---|---|---|---|"]
+        out += ["**`--max-drop D`** on MobileNetV2: the shortest prefix of the SQNR-alone ranking raised to 8 bits"
+                " whose estimated drop on held-out calibration images (never calibrated on) is at most D points with 95%"
+                " confidence; then val500. \"softmax estimate\" rows used the first label-free estimator (the expected"
+                " drop under the float softmax), which ran low; \"confidence lost\" rows use the current one"
+                " (docs/report.md). A refusal says the budget cannot be met even with every ranked layer at 8 bits.", "",
+                "| budget | base bits, held-out score | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 |"
+                " val500 drop | weights MB | search s |", "|---|---|---|---|---|---|---|---|---|"]
         latest = OrderedDict()
         for r in md:
-            latest[(r["bits"], r.get("scored_by", "softmax estimate"))] = r
-        for r in latest.values():
+            latest[(r.get("budget", 1.0), r["bits"], r.get("scored_by", "softmax estimate"))] = r
+        for (budget, bits, scored), r in latest.items():
             if "refused" in r:
-                out.append(f"| {r['bits']} | refused: {r['refused']} | | | | | | |")
+                out.append(f"| {budget:g} | {bits}, {scored} | refused: {r['refused'].split(';')[0]} | | | | | | |")
                 continue
-            out.append(f"| {r['bits']}, {r.get('scored_by', 'softmax estimate')} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
+            out.append(f"| {budget:g} | {bits}, {scored} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
                        f"{fmt(r['held_out_drop'])} ({fmt(r.get('held_out_bound'))}) | {fmt(r['top1'], 1)} | "
                        f"{fmt(r['drop'], 1)} | {fmt(r['weights_mb'], 3)} | {fmt(r['search_s'], 0)} |")
         out.append("")
