@@ -97,7 +97,8 @@ class CalibratePass(ir.passes.InPlacePass):
         planned += [v for node in graph for v in node.outputs if ACT in v.meta]
         hists = {v.name: Histogram() for v in planned}
         # tensors whose exponent rule reads the histogram (a group is binned if any member needs it)
-        binned_groups = {v.meta[ACT].group for v in planned if needs_histogram(self.act_method, v.meta[ACT].bits, v.meta[ACT].signed)}
+        binned_groups = {v.meta[ACT].group for v in planned
+                         if needs_histogram(self.act_method, v.meta[ACT].bits, v.meta[ACT].signed)}
         binned = {v.name for v in planned if v.meta[ACT].group in binned_groups}
         signed = {v.name: v.meta[ACT].signed for v in planned}
         # the rest need only extremes and channel means, which onnxruntime reduces in the graph

@@ -204,7 +204,9 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     # a tensor read by several overridden layers takes the widest request
                     bits_of[data] = max(bits_of[data], a_bits) if data in overridden else a_bits
                     overridden.add(data)
-                out = self._layer_output(node, fused_post)
+                out = node.outputs[0]
+                if out in fused_pre:  # the quantizer sits on the fused activation's output
+                    out = out.uses()[0].node.outputs[0]
                 if out in bits_of and all(u.node not in weighted and u.node not in kept_float for u in out.uses()):
                     # no layer's setting reaches an output only Adds (pooling, ...) read, e.g. a residual
                     # branch: the layer that writes it decides, and never lowers it
@@ -248,15 +250,6 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
             len(planned), len(fused_post), len(weighted),
         )
         return ir.passes.PassResult(model, modified=True)
-
-    @staticmethod
-    def _layer_output(node: ir.Node, fused_post: dict) -> ir.Value:
-        """The tensor a layer's output quantizer sits on: its output, or the fused activation's."""
-        out = node.outputs[0]
-        uses = out.uses()
-        if len(uses) == 1 and uses[0].node.outputs and uses[0].node.outputs[0] in fused_post:
-            return uses[0].node.outputs[0]
-        return out
 
     @staticmethod
     def _feeds_only_outputs(graph: ir.Graph, v: ir.Value) -> bool:

@@ -61,8 +61,9 @@ class QuantConfig:
     #: "half-up" (add 2^(m-1), then shift: what shift hardware usually does; one Add per requantizing op)
     rounding: str = "half-even"
     #: per-layer precision: node name -> bit width N of that layer's weights and of its input activation, or
-    #: "wXaY" for different widths; an output that no layer reads (only Adds, pooling) is raised to it too (``--bits NAME=N``, or ``[layers]`` in a TOML config); layer names are
-    #: those ``ptqc inspect`` and ``ptqc sensitivity`` list
+    #: "wXaY" for different widths (``--bits NAME=N``, or ``[layers]`` in a TOML config); an output that no
+    #: layer reads (only Adds, pooling) is raised with it; layer names are those ``ptqc inspect`` and
+    #: ``ptqc sensitivity`` list
     layer_bits: dict[str, int | str] = dataclasses.field(default_factory=dict)
     #: layers left in float (``--keep-float NAME``): float weights and arithmetic; the model is then no longer
     #: integer-only, and ``ptqc inspect`` says so
