@@ -4,6 +4,7 @@
 2. ``gap_to_sum``            GlobalAveragePool feeding a linear layer -> ReduceSum, 1/(H*W) folded into weights
 3. ``plan_quantization``     which tensors get quantizers, their bit widths and signedness, fused activations
 4. ``calibrate``             streamed histograms, layer-input means (and GPTQ statistics) via onnxruntime
+   then ``equalize_channels`` per-channel clipping thresholds for what depthwise convs read, in the weights (option)
 5. ``absorb_clip_range``     ReLU6 bounds moved onto the power-of-two grid's top by rescaling weights
 6. ``pot_scales``            power-of-two exponents: per weight channel, per activation scale-sharing group
 7. ``gptq_rounding``         GPTQ weight codes on the power-of-two grids, per-channel exponent choice

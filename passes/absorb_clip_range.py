@@ -50,6 +50,8 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
         count = 0
         for v in values:
             act = v.meta[ACT]
+            if act.exp is not None:
+                continue  # equalize_channels already put this tensor on its grid
             continuous = self.continuous and act.bits < 8 and act.fused is not None and not act.signed
             if not continuous and (act.fused is None or act.clip_hi is None or act.clip_hi <= 0 or (act.clip_lo or 0) < 0):
                 continue

@@ -144,9 +144,9 @@ class EmitQdqPass(ir.passes.InPlacePass):
         q.doc_string = dq.doc_string = note
         meta = {"ptqc.bits": str(act.bits), "ptqc.signed": str(int(act.signed)), "ptqc.exp": str(act.exp),
                 "ptqc.tensor": name}
-        if act.rescale != 1.0:
+        if np.any(np.asarray(act.rescale) != 1.0):
             # this tensor is rescale x the float model's (clip range absorbed into the weights)
-            meta["ptqc.fp_scale"] = repr(float(act.rescale))
+            meta["ptqc.fp_scale"] = ",".join(repr(float(r)) for r in np.ravel(act.rescale))
         q.metadata_props.update(meta)
         dq.metadata_props.update(meta)
         anchor = src.producer()

@@ -49,8 +49,9 @@ class ActQuant:
     #: the fused Relu/Clip node, removed when the QDQ graph is written
     fused: object | None = None
     #: factor the tensor was multiplied by relative to the float model (absorb_clip_range's weight
-    #: rescaling); written to the QDQ file so that a report can compare against the float model
-    rescale: float = 1.0
+    #: rescaling), or one factor per channel (equalize_channels); written to the QDQ file so that a report
+    #: can compare against the float model
+    rescale: float | np.ndarray = 1.0
 
 
 @dataclasses.dataclass

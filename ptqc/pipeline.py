@@ -24,6 +24,7 @@ from ptqc.passes.bias_correction import BiasCorrectionPass
 from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.calibrate_from_bn import CalibrateFromBnPass
 from ptqc.passes.emit_qdq import EmitQdqPass
+from ptqc.passes.equalize_channels import EqualizeChannelsPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
 from ptqc.passes.gptq_rounding import GptqRoundingPass
@@ -90,6 +91,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         GapToSumPass(),
         PlanQuantizationPass(config),
         calibrate,
+        *([EqualizeChannelsPass(data, config.batch_size)] if config.equalize_channels and data is not None else []),
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([GptqRoundingPass()] if float_gptq else []),

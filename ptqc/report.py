@@ -49,7 +49,8 @@ class TensorStats:
     exp: int
     lo: int  # code range, zero point removed
     hi: int
-    fp_scale: float = 1.0
+    #: one factor, or one per channel (axis 1) where equalize_channels scaled channels separately
+    fp_scale: float | tuple[float, ...] = 1.0
     sqnr_db: float = math.nan  # accumulated: the QDQ model against the float model
     quant_sqnr_db: float = math.nan  # this quantizer alone, on the float values
     clip_ratio: float = 0.0
@@ -158,7 +159,7 @@ def read_quantizers(q: onnx.ModelProto) -> tuple[dict[str, TensorStats], dict[st
         if src is not None and src.op_type == "Clip":
             lo, hi = int(_const(inits, src.input[1])), int(_const(inits, src.input[2]))
         tensors[name] = TensorStats(name, int(meta["ptqc.bits"]), meta["ptqc.signed"] == "1", int(meta["ptqc.exp"]),
-                                    lo - zp, hi - zp, float(meta.get("ptqc.fp_scale", 1.0)))
+                                    lo - zp, hi - zp, _parse_scale(meta.get("ptqc.fp_scale", "1.0")))
         dqs[name] = n
     if not tensors:
         raise PtqcError("the quantized model has no ptqc quantizers (was it written by ptqc compile?)")
@@ -261,7 +262,9 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
     if src not in fp_names:
         raise PtqcError(f"the float model has no tensor {src!r}; was the quantized model compiled from it?")
     if tensors[src].fp_scale != 1.0:
-        k = helper.make_tensor(tag + "in_scale", onnx.TensorProto.FLOAT, [], [tensors[src].fp_scale])
+        factor = np.asarray(tensors[src].fp_scale, np.float32)
+        dims = [] if factor.ndim == 0 else [factor.size, 1, 1]
+        k = helper.make_tensor(tag + "in_scale", onnx.TensorProto.FLOAT, dims, factor.ravel().tolist())
         inits.append(k)
         nodes.append(helper.make_node("Mul", [src, k.name], [tag + "in_scaled"], name=tag + "in_scale"))
         src = tag + "in_scaled"
@@ -383,6 +386,18 @@ def quantizer_split(x: np.ndarray, t: TensorStats) -> tuple[float, float, int]:
     return float(np.dot(c, c)), float(np.dot(r, r)), int(np.count_nonzero(c))
 
 
+def _parse_scale(text: str) -> float | tuple[float, ...]:
+    values = tuple(float(x) for x in text.split(","))
+    return values[0] if len(values) == 1 else values
+
+
+def channel_factor(fp_scale: float | tuple[float, ...], ndim: int) -> float | np.ndarray:
+    """``fp_scale`` shaped to multiply an (N, C, ...) tensor."""
+    if isinstance(fp_scale, float):
+        return fp_scale
+    return np.asarray(fp_scale).reshape([1, -1] + [1] * (ndim - 2))
+
+
 def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data: Dataset, samples: int = 32,
             batch_size: int = 8) -> Report:
     """Measure every quantized tensor and weighted layer of ``quantized`` against ``model`` on ``samples``
@@ -417,7 +432,7 @@ def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data
         outs[input_name] = batch
         for name, (f, qn) in pairs.items():
             t = tensors[name]
-            ref = outs[f].astype(np.float64) * t.fp_scale
+            ref = outs[f].astype(np.float64) * channel_factor(t.fp_scale, outs[f].ndim)
             if not np.isfinite(ref).all():
                 raise PtqcError(f"NaN or Inf in the float model's tensor {name} on the report data")
             acc[name].add(ref, outs[qn])
@@ -434,7 +449,7 @@ def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data
         for name, (ref_name, out) in alone.items():
             layer = by_name[name]
             scale = tensors[layer.output_tensor].fp_scale if layer.output_bits is not None else 1.0
-            lay[name].add(outs[ref_name].astype(np.float64) * scale, outs[out])
+            lay[name].add(outs[ref_name].astype(np.float64) * channel_factor(scale, outs[ref_name].ndim), outs[out])
         logit_acc.add(outs[logits[0]], outs[logits[1]])
         agree += int(np.sum(outs[logits[0]].reshape(len(batch), -1).argmax(1) == outs[logits[1]].reshape(len(batch), -1).argmax(1)))
         seen += len(batch)
