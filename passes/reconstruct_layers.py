@@ -34,6 +34,7 @@ from ptqc.passes.bias_correction import expected_output_error
 from ptqc.passes.calibrate import channel_sum, float_session, run_batch
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
+from ptqc.quant import weight_exponents
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         w = const(node.inputs[1]).astype(np.float64)
         wg, g = grouped(node, w, wq.axis)
         metric, target = moment.target(wg, self.target)
-        exps = wq.exps.reshape(g, -1)
+        # the target's own least-squares exponents: W* differs from W (it maps rounded inputs to float outputs)
+        exps = weight_exponents(target.reshape(-1, target.shape[2]), wq.bits).reshape(g, -1)
         rtn = grouped(node, wq.dequantized(), wq.axis)[0]
         codes, new_exps = gptq_pot(target, metric, exps, wq.bits, self.search)
         before = float(row_loss(target, rtn, metric).sum())

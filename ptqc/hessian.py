@@ -206,7 +206,7 @@ class PairedMoment(SecondMoment):
             self.h, self.c, self.hf = self.h + hq, self.c + c, self.hf + hf
         self.n += pq.shape[2]
 
-    def target(self, w: np.ndarray, mode: str = "asym", ridge: float = 0.01, min_ratio: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    def target(self, w: np.ndarray, mode: str = "asym", ridge: float = 1e-4, min_ratio: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
         """(metric, target weights) for GPTQ.
 
         ``asym``: metric E[x~ x~^T], target W* = W C^T H~^-1 (the weights that best map quantized inputs to
@@ -225,6 +225,9 @@ class PairedMoment(SecondMoment):
         else:
             metric, cross = hq, c
         level = np.einsum("gii->gi", metric).mean(axis=1)
+        # a ridge of 1e-4 of the mean diagonal: at 1e-2 the shrinkage it adds cost more than the fit gained
+        # (MobileNetV2 w8a4, first depthwise layer: output error 1.80% of the signal with W, 3.16% with the
+        # 1e-2 solution, 1.57% with 1e-4)
         # keep W where there is nothing to fit (input always zero), or too few samples for a d-dim fit
         dead = (level <= 0) | (self.n < min_ratio * metric.shape[1])
         eye = np.eye(metric.shape[1])[None]
