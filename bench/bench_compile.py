@@ -31,6 +31,7 @@ VARIANTS = {
     "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False),  # + ReLU6 range absorption
     "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True),  # + GPTQ with exponent choice
     "default": {},
+    "equalize": dict(equalize_channels=True),  # + per-channel clipping thresholds (option)
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

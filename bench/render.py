@@ -78,7 +78,8 @@ def main() -> None:
         if extra and "kind" in extra[0]:
             out += debugging(extra)
         else:
-            out += verification(extra) if extra and "onnxruntime" in extra[0] else ablation(extra)
+            # the ablation's "default" column is the main run's record
+            out += verification(extra) if extra and "onnxruntime" in extra[0] else ablation(rows + extra)
     print("\n".join(out))
 
 
@@ -197,22 +198,25 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
-    order = ["rtn", "bc", "absorb", "gptq"]
+    order = ["rtn", "bc", "absorb", "gptq", "default", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
-             "gptq": "+ GPTQ, per-channel exponent"}
+             "gptq": "+ GPTQ, per-channel exponent", "default": "default (the main run)",
+             "equalize": "+ per-channel thresholds (`--equalize-channels`)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
     for r in rows:
-        if r.get("variant") in order and "top1" in r:
+        if r.get("variant") in order and "top1" in r and r.get("calib_images") == 256:
             cells[(r["model"], r["bits"], r["variant"])] = r
-    keys = list(OrderedDict.fromkeys((m, b) for m, b, _ in cells))
+    # rows for the bit widths an ablation ran (not every default compile)
+    keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells if v != "default"))
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
            "everywhere, first and last layers 8-bit. Produced by",
            "`python bench/bench_compile.py --bits w4a8 w4a4 --variants rtn bc absorb gptq --no-ort --no-latency`",
            "(run while a `ptqc sensitivity` job shared the machine, so its seconds are only indicative: EfficientNet's",
-           "184 s GPTQ cell is contention, the same compile took 22 s alone). The default adds, below",
-           "8-bit activations, continuous clipping thresholds (`absorb_clip_range`): compare the per-model tables.", "",
+           "184 s GPTQ cell is contention, the same compile took 22 s alone), and by `--bits w4a4 w2a4 --variants",
+           "equalize`. The default column comes from the main run: below 8-bit activations it adds continuous",
+           "clipping thresholds (`absorb_clip_range`). `--equalize-channels` is an option, off by default.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
            "|---|---|---|" + "---|" * len(order)]
     for model, bits in keys:
