@@ -19,7 +19,7 @@ into the weights" equalization: clipping ranges become continuous while every sc
 
 from __future__ import annotations
 
-__all__ = ["AbsorbClipRangePass"]
+__all__ = ["AbsorbClipRangePass", "saturate_at_top", "scale_output_channels", "scale_weights"]
 
 import logging
 
@@ -28,9 +28,46 @@ import onnx_ir as ir
 
 from ptqc.annotations import ACT, HIST, MEAN, WEIGHT
 from ptqc.passes.fold_batchnorm import const, new_initializer
+from ptqc.passes.pot_scales import channel_view
 from ptqc.quant import int_range
 
 logger = logging.getLogger(__name__)
+
+
+def scale_weights(graph: ir.Graph, node: ir.Node, factor: float | np.ndarray, suffix: str = "eq") -> None:
+    """Multiply a weighted layer's weight initializer by ``factor`` (a scalar, or an array that broadcasts
+    against the weight)."""
+    w = const(node.inputs[1])
+    name = node.name or node.outputs[0].name
+    node.replace_input_with(1, new_initializer(graph, f"{name}_W_{suffix}", (w.astype(np.float64) * factor).astype(w.dtype)))
+
+
+def scale_output_channels(graph: ir.Graph, node: ir.Node, factor: float | np.ndarray, suffix: str = "eq") -> None:
+    """Multiply a weighted layer's output channels by ``factor`` (a scalar or one per channel): its weight
+    rows, its planned bias and its bias initializer.  Before an activation that is positively homogeneous,
+    the activation's output is scaled the same way."""
+    wq = node.meta[WEIGHT]
+    w = const(node.inputs[1])
+    scale_weights(graph, node, factor if np.ndim(factor) == 0 else channel_view(np.asarray(factor), w.ndim, wq.axis), suffix)
+    wq.bias = wq.bias * factor
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = const(node.inputs[2])
+        name = node.name or node.outputs[0].name
+        scaled = (b.astype(np.float64).reshape(-1) * factor).astype(b.dtype).reshape(b.shape)
+        node.replace_input_with(2, new_initializer(graph, f"{name}_B_{suffix}", scaled))
+
+
+def saturate_at_top(graph: ir.Graph, v: ir.Value, top: float, e: int, factor: float | np.ndarray) -> None:
+    """After ``v`` was scaled by ``factor`` (scalar or per channel): its exponent is ``e``, its fused Clip bound
+    is ``top`` (the grid's top, so saturation is the clip), and its recorded rescale and channel means follow."""
+    act = v.meta[ACT]
+    if act.fused.op_type == "Clip" and len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
+        act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
+    act.clip_hi = top
+    act.exp = e
+    act.rescale = act.rescale * factor
+    if MEAN in v.meta:
+        v.meta[MEAN] = v.meta[MEAN] * factor
 
 
 class AbsorbClipRangePass(ir.passes.InPlacePass):
@@ -74,28 +111,11 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
             if top <= bound:
                 continue  # the grid already saturates below the bound: no Clip needed
             alpha = top / bound
-            self._scale_weights(graph, producer, alpha)
-            producer.meta[WEIGHT].bias = producer.meta[WEIGHT].bias * alpha
-            if len(producer.inputs) > 2 and producer.inputs[2] is not None:
-                b = const(producer.inputs[2])
-                name = producer.name or producer.outputs[0].name
-                producer.replace_input_with(2, new_initializer(graph, f"{name}_B_eq", (b.astype(np.float64) * alpha).astype(b.dtype)))
+            scale_output_channels(graph, producer, alpha)
             for consumer in {u.node for u in v.uses()}:
-                self._scale_weights(graph, consumer, 1.0 / alpha)
-            if act.fused.op_type == "Clip" and len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
-                act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
-            act.clip_hi = top
-            act.exp = e
-            act.rescale *= alpha
+                scale_weights(graph, consumer, 1.0 / alpha)
+            saturate_at_top(graph, v, top, e, alpha)
             producer.meta[WEIGHT].methods.append("absorb_clip_range")
-            if MEAN in v.meta:
-                v.meta[MEAN] = v.meta[MEAN] * alpha
             count += 1
         logger.info("absorbed the clip range of %d activations into weights", count)
         return ir.passes.PassResult(model, modified=bool(count))
-
-    @staticmethod
-    def _scale_weights(graph: ir.Graph, node: ir.Node, factor: float) -> None:
-        w = const(node.inputs[1])
-        name = node.name or node.outputs[0].name
-        node.replace_input_with(1, new_initializer(graph, f"{name}_W_eq", (w.astype(np.float64) * factor).astype(w.dtype)))

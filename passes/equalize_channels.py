@@ -32,10 +32,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqc import progress
-from ptqc.annotations import ACT, MEAN, MOMENT, WEIGHT
+from ptqc.annotations import ACT, MOMENT, WEIGHT
 from ptqc.data import Dataset
+from ptqc.passes.absorb_clip_range import saturate_at_top, scale_output_channels, scale_weights
 from ptqc.passes.calibrate import float_session, run_batch
-from ptqc.passes.fold_batchnorm import const, new_initializer
+from ptqc.passes.fold_batchnorm import const
+from ptqc.passes.pot_scales import channel_view
 from ptqc.quant import int_range
 
 logger = logging.getLogger(__name__)
@@ -104,12 +106,6 @@ def _depthwise(node: ir.Node) -> bool:
     return shape[1] == 1 and node.attributes.get_int("group", 1) == shape[0]
 
 
-def _row_scale(w: np.ndarray, axis: int, scale: np.ndarray) -> np.ndarray:
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return w * scale.reshape(shape)
-
-
 class EqualizeChannelsPass(ir.passes.InPlacePass):
     """Give each channel of low-bit Relu/Clip outputs that depthwise convs read its own clipping threshold."""
 
@@ -173,28 +169,14 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
             top = qmax * 2.0**e
             s = np.where(live, top / np.where(live, t, 1.0), 1.0)
             producer = act.fused.inputs[0].producer()
-            pq = producer.meta[WEIGHT]
-            name = producer.name or producer.outputs[0].name
-            w = const(producer.inputs[1])
-            producer.replace_input_with(1, new_initializer(graph, f"{name}_W_ch", _row_scale(w.astype(np.float64), pq.axis, s).astype(w.dtype)))
-            pq.bias = pq.bias * s
-            if len(producer.inputs) > 2 and producer.inputs[2] is not None:
-                b = const(producer.inputs[2])
-                producer.replace_input_with(2, new_initializer(graph, f"{name}_B_ch", (b.astype(np.float64).reshape(-1) * s).astype(b.dtype).reshape(b.shape)))
-            pq.methods.append("equalize_channels")
+            scale_output_channels(graph, producer, s, suffix="ch")
+            producer.meta[WEIGHT].methods.append("equalize_channels")
             for reader in {u.node for u in v.uses()}:
-                rw = const(reader.inputs[1])
-                rname = reader.name or reader.outputs[0].name
-                reader.replace_input_with(1, new_initializer(graph, f"{rname}_W_ch", _row_scale(rw.astype(np.float64), 0, 1.0 / s).astype(rw.dtype)))
+                # a depthwise reader's channel c is its output channel c (axis 0)
+                scale_weights(graph, reader, channel_view(1.0 / s, len(const(reader.inputs[1]).shape), 0), suffix="ch")
                 if MOMENT in reader.meta and reader.meta[MOMENT].h is not None:
-                    # a depthwise reader's H is one (taps x taps) block per channel
+                    # ... and its H is one (taps x taps) block per channel
                     reader.meta[MOMENT].h = reader.meta[MOMENT].h * (s**2)[:, None, None]
-            if act.fused.op_type == "Clip" and len(act.fused.inputs) > 2 and act.fused.inputs[2] is not None:
-                act.fused.replace_input_with(2, new_initializer(graph, f"{v.name}_clip_max", np.array(top, np.float32)))
-            act.clip_hi = top
-            act.exp = e
-            act.rescale = s
-            if MEAN in v.meta:
-                v.meta[MEAN] = v.meta[MEAN] * s
+            saturate_at_top(graph, v, top, e, s)
         logger.info("gave %d activations per-channel clipping thresholds", len(values))
         return ir.passes.PassResult(model, modified=True)
