@@ -70,7 +70,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
         inputs = sorted({n.inputs[0].name for n in layers})
         sim = simulate.build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
-        q_session = runtime.make_session(sim.proto, what="the simulated model")
+        q_session = runtime.make_session(sim.proto, arena=False, what="the simulated model")
         fp_names = [n for n in inputs if n != input_value.name]
         fp_session = float_session(model, fp_names)
         weights = {}

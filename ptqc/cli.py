@@ -140,6 +140,10 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--equalize-channels", is_flag=True,
               help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that depthwise convs read, "
                    "absorbed into the weights (see docs/benchmarks.md for where it helps).")
+@click.option("--adaround/--no-adaround", default=None,
+              help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
+                   "activation, facing its quantized input (slower; see docs/benchmarks.md).")
+@click.option("--adaround-iters", type=int, default=None, help="Adam steps per layer for --adaround [default: 100].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
@@ -149,7 +153,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @_fail_cleanly
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, act_search, rounding, preset, size, mean, std):
+            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, adaround, adaround_iters, act_search, rounding, preset, size, mean,
+            std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand
@@ -165,7 +170,8 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
     flags = {"weight_bits": weight_bits, "act_bits": act_bits, "first_last_8bit": not all_low_bit,
              "calib_size": calib_size, "batch_size": batch_size, "act_method": act_calib,
              "bias_correction": not no_bias_correction, "absorb_clip": not no_absorb, "gptq": gptq,
-             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "act_search": act_search, "rounding": rounding,
+             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "adaround": adaround,
+             "adaround_iters": adaround_iters, "act_search": act_search, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}

@@ -60,6 +60,11 @@ class QuantConfig:
     #: default: w4a4 top-1 agreement with FP32 on 744 held-back images MobileNetV2 23.4 -> 27.0%,
     #: MobileNetV1 39.5 -> 43.1%, but EfficientNet-Lite0 64.2 -> 61.0%
     equalize_channels: bool = False
+    #: after GPTQ, refine each low-bit layer in order by AdaRound on the error after its activation, facing its
+    #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images
+    adaround: bool = False
+    adaround_iters: int = 100
+    adaround_samples: int = 64
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
     absorb_clip: bool = True
     #: how a requantizing right shift rounds: "half-even" (QuantizeLinear's own rule, no extra ops) or

@@ -20,6 +20,7 @@ from ptqc.config import QuantConfig
 from ptqc.errors import PtqcError
 from ptqc.data import Dataset, Preprocess, check_shape, open_dataset
 from ptqc.passes.absorb_clip_range import AbsorbClipRangePass
+from ptqc.passes.adaround_layers import AdaRoundLayersPass
 from ptqc.passes.bias_correction import BiasCorrectionPass
 from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.calibrate_from_bn import CalibrateFromBnPass
@@ -97,6 +98,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([GptqRoundingPass()] if float_gptq else []),
         *([ReconstructLayersPass(data, config.batch_size, config.moment_samples, config.gptq_target)] if sequential else []),
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
+        *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters)]
+          if config.adaround else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
         EmitQdqPass(config.rounding),
@@ -106,8 +109,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
 def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
-    if config.gptq_target != "float" or config.act_search:
-        raise PtqcError("--gptq-target asym/qdrop and --act-search need calibration data; pass --calib")
+    if config.gptq_target != "float" or config.act_search or config.adaround:
+        raise PtqcError("--gptq-target asym/qdrop, --act-search and --adaround need calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
     return dataclasses.replace(config, gptq=False)

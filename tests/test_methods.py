@@ -236,3 +236,65 @@ def test_channel_equalization_lowers_the_depthwise_output_error_and_keeps_shift_
     rep = report.analyse(model, eq, ArrayData(test), samples=16)
     scaled = [t for t in rep.tensors.values() if not isinstance(t.fp_scale, float)]
     assert len(scaled) == 1 and scaled[0].sqnr_db > 15.0
+
+
+def test_adaround_gradient_matches_finite_differences():
+    from ptqc.adaround import objective
+
+    rng = np.random.default_rng(3)
+    g, r, d, n = 2, 3, 5, 40
+    v = rng.normal(0, 1, (g, r, d))
+    b = rng.normal(0, 0.1, (g, r))
+    base = rng.integers(-4, 3, (g, r, d)).astype(np.float64)
+    s = np.full((g, r, 1), 0.25)
+    x = rng.normal(0, 1, (n, g, d))
+    target = np.maximum(rng.normal(0, 1, (n, g, r)), 0)
+    _, gv, gb = objective(v, b, base, s, x, target, 0.0, 1.5, 1.0, 4)
+    eps = 1e-6
+    for arr, grad in ((v, gv), (b, gb)):
+        for idx in [(0, 0, 0), (1, 2, 4), (0, 1, 3)][: arr.ndim and 3]:
+            idx = idx[: arr.ndim]
+            plus, minus = arr.copy(), arr.copy()
+            plus[idx] += eps
+            minus[idx] -= eps
+            args = lambda a: (a, b) if arr is v else (v, a)  # noqa: E731
+            num = (objective(*args(plus), base, s, x, target, 0.0, 1.5, 1.0, 4)[0]
+                   - objective(*args(minus), base, s, x, target, 0.0, 1.5, 1.0, 4)[0]) / (2 * eps)
+            assert abs(num - grad[idx]) < 1e-5 * max(1.0, abs(num))
+
+
+def test_adaround_lowers_the_post_activation_error_of_quantized_inputs():
+    from ptqc.adaround import adaround, layer_loss
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.2, (1, 32, 64))
+    x_f = np.maximum(rng.normal(0, 1, (8192, 1, 64)), 0)
+    x_q = np.clip(np.round(x_f / 0.25), 0, 15) * 0.25  # the same input on a 4-bit grid
+    b = rng.normal(0, 0.1, (1, 32))
+    exps = weight_exponents(w[0], 4)[None]
+    s = np.exp2(exps)[:, :, None]
+    target = np.maximum(np.einsum("grd,ngd->ngr", w, x_f) + b[None], 0)
+    nearest = layer_loss(quantize(w[0], exps[0][:, None], 4, True)[None] * s, b, x_q, target, 0.0, None)
+    res = adaround(w, exps, 4, b, x_q, x_f, lo=0.0, iters=300)
+    assert res.before == pytest.approx(nearest)
+    assert res.after < 0.95 * nearest  # measured 0.87
+    assert res.after == pytest.approx(layer_loss(res.codes * s, res.bias, x_q, target, 0.0, None))
+    floor = np.floor(w / s)
+    assert np.all((res.codes == np.clip(floor, -8, 7)) | (res.codes == np.clip(floor + 1, -8, 7)))
+
+
+def test_adaround_pass_lowers_the_layer_error_and_keeps_shift_only_scales():
+    from ptqc.data import ArrayData
+    from ptqc.inspect import inspect_model
+    from ptqc.pipeline import build_passes
+    from ptqc.writer import to_proto
+
+    irm = loader.load(mobilenet_like())
+    cfg = ptqc.QuantConfig(weight_bits=4, act_bits=4, calib_size=32, adaround=True, adaround_iters=100,
+                           adaround_samples=32)
+    for p in build_passes(cfg, ArrayData(inputs(32, seed=21))):
+        p(irm)
+    before, after = irm.graph.meta["ptqc.adaround_loss"]
+    assert after < before
+    assert any("adaround" in n.meta[WEIGHT].methods for n in irm.graph if WEIGHT in n.meta)
+    assert inspect_model(to_proto(irm)).ok

@@ -1,0 +1,142 @@
+"""AdaRound per layer, in order, through the layer's activation and facing its quantized input (QDrop mix).
+
+GPTQ (the default) fits each layer's linear output to float inputs.  This pass refines the low-bit layers
+after it, one at a time in topological order.  For each layer it guarantees:
+
+* its inputs come from a simulation (``ptqc.simulate``) in which all activations are quantized and every
+  earlier layer already has its final integer weights and bias; the target is the float model's output;
+* its integer weights are AdaRound's (``ptqc.adaround``): each code at the floor or the ceiling of ``W/s`` on
+  the power-of-two grid GPTQ chose, started from GPTQ's rounding direction, learned with Adam on the error
+  *after* the fused Relu/Clip and the output grid's saturation, with QDrop's random mix of quantized and
+  float inputs; its float bias is learned with them;
+* on the quantized calibration input, the layer's error is never above that of its starting codes and bias
+  (otherwise those are kept).
+
+8-bit layers keep GPTQ's codes.  Each layer costs one run of the float and of the simulated model over
+``samples`` images, plus ``iters`` Adam steps of two matmuls on ``batch`` sampled patch rows.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AdaRoundLayersPass", "output_bounds"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc import progress, runtime, simulate
+from ptqc.adaround import adaround
+from ptqc.annotations import ACT, FUSABLE_ACTS, WEIGHT
+from ptqc.data import Dataset
+from ptqc.hessian import for_layer
+from ptqc.passes.calibrate import float_session, run_batch
+from ptqc.passes.fold_batchnorm import const
+from ptqc.passes.gptq_rounding import grouped, ungrouped
+from ptqc.quant import int_range
+
+logger = logging.getLogger(__name__)
+
+
+def output_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """The range a weighted layer's output can take once quantized: its fused Relu/Clip bounds intersected
+    with the output grid's saturation (None: unbounded on that side)."""
+    out = node.outputs[0]
+    value = out if ACT in out.meta else None
+    uses = out.uses()
+    if value is None and len(uses) == 1 and uses[0].node.op_type in FUSABLE_ACTS:
+        candidate = uses[0].node.outputs[0]
+        if ACT in candidate.meta and candidate.meta[ACT].fused is uses[0].node:
+            value = candidate
+    if value is None:
+        return None, None
+    act = value.meta[ACT]
+    lo, hi = act.clip_lo, act.clip_hi
+    if act.exp is not None:
+        qlo, qhi = int_range(act.bits, act.signed)
+        lo = qlo * 2.0**act.exp if lo is None else max(lo, qlo * 2.0**act.exp)
+        hi = qhi * 2.0**act.exp if hi is None else min(hi, qhi * 2.0**act.exp)
+    return lo, hi
+
+
+def _patches(moment, x: np.ndarray) -> np.ndarray:
+    if moment.op != "Conv":
+        return x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None]
+    return moment.patches(x)
+
+
+class AdaRoundLayersPass(ir.passes.InPlacePass):
+    """Refine low-bit layers' codes and biases by AdaRound on quantized-input, post-activation error."""
+
+    def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 64, iters: int = 100,
+                 rows: int = 16384, batch: int = 1024, seed: int = 0):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+        self.samples = samples
+        self.iters = iters
+        self.rows = rows
+        self.batch = batch
+        self.seed = seed
+
+    def _batches(self) -> list:
+        batches, seen = [], 0
+        for batch in self.data.batches(self.batch_size):
+            batch = batch[: self.samples - seen]
+            batches.append(batch)
+            seen += len(batch)
+            if seen >= self.samples:
+                break
+        return batches
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8
+                  and for_layer(n) is not None]
+        if not layers:
+            return ir.passes.PassResult(model, modified=False)
+        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
+        inputs = sorted({n.inputs[0].name for n in layers})
+        sim = simulate.build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
+        q_session = runtime.make_session(sim.proto, arena=False, what="the simulated model")
+        fp_session = float_session(model, [n for n in inputs if n != input_value.name])
+        weights = {}
+        for node in graph:
+            if WEIGHT in node.meta and node.meta[WEIGHT].q is not None:
+                weights.update(simulate.layer_arrays(node, quantized=True))
+        batches = self._batches()
+        rng = np.random.default_rng(self.seed)
+        before = after = 0.0
+        for node in progress.steps(layers, "adaround", unit="layer"):
+            name = node.inputs[0].name
+            moment = for_layer(node)
+            # a depthwise channel has d = 9 or 25 weights: 512 rows per weight settle it, and its
+            # (rows, channels, taps) patches would otherwise dominate memory and time
+            per_batch = -(-min(self.rows, 512 * moment.d if moment.d else self.rows) // len(batches))
+            xq_parts, xf_parts = [], []
+            for batch in batches:
+                x_q = runtime.run(q_session, {input_value.name: batch, **weights}, [f"{name}__sim"])[0]
+                x_f = batch if name == input_value.name else run_batch(fp_session, input_value.name, batch, [name])[0]
+                pq, pf = _patches(moment, x_q), _patches(moment, x_f)
+                keep = rng.choice(pq.shape[2], size=min(per_batch, pq.shape[2]), replace=False)
+                xq_parts.append(pq[:, :, keep].transpose(2, 0, 1))  # rows first, as adaround wants them
+                xf_parts.append(pf[:, :, keep].transpose(2, 0, 1))
+            wq = node.meta[WEIGHT]
+            w = const(node.inputs[1]).astype(np.float64)
+            wg, g = grouped(node, w, wq.axis)
+            b0 = (const(node.inputs[2]).astype(np.float64).reshape(-1) if len(node.inputs) > 2 and node.inputs[2] is not None
+                  else np.zeros(wg.shape[0] * wg.shape[1]))
+            lo, hi = output_bounds(node)
+            res = adaround(wg, wq.exps.reshape(g, -1), wq.bits, b0.reshape(g, -1), np.concatenate(xq_parts),
+                           np.concatenate(xf_parts), lo, hi, init_codes=grouped(node, wq.q, wq.axis)[0],
+                           init_bias=wq.bias.reshape(g, -1), iters=self.iters,
+                           batch=min(self.batch, 32 * moment.d) if moment.d else self.batch, seed=self.seed)
+            before, after = before + res.before, after + res.after
+            wq.q = ungrouped(node, res.codes, w.shape, wq.axis).astype(wq.q.dtype)
+            wq.bias = res.bias.reshape(-1)
+            wq.methods.append("adaround")
+            logger.debug("%s: error on quantized input %.4g -> %.4g", node.name, res.before, res.after)
+            weights.update(simulate.layer_arrays(node, quantized=True))
+        logger.info("AdaRound on %d layers: summed layer error %.4g -> %.4g", len(layers), before, after)
+        model.graph.meta["ptqc.adaround_loss"] = (before, after)
+        return ir.passes.PassResult(model, modified=True)
