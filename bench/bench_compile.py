@@ -32,6 +32,7 @@ VARIANTS = {
     "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True),  # + GPTQ with exponent choice
     "default": {},
     "equalize": dict(equalize_channels=True),  # + per-channel clipping thresholds (option)
+    "adaround": dict(adaround=True),  # + AdaRound through the activation on quantized inputs (option)
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

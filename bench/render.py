@@ -198,10 +198,11 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
-    order = ["rtn", "bc", "absorb", "gptq", "default", "equalize"]
+    order = ["rtn", "bc", "absorb", "gptq", "default", "equalize", "adaround"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "default": "default (the main run)",
-             "equalize": "+ per-channel thresholds (`--equalize-channels`)"}
+             "equalize": "+ per-channel thresholds (`--equalize-channels`)",
+             "adaround": "+ AdaRound on quantized inputs (`--adaround`)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
     for r in rows:
