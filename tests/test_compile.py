@@ -59,9 +59,11 @@ def test_names_are_kept_and_logits_stay_float(resnet, resnet_w8a8):
     assert producer["logits"].op_type == "Gemm"
 
 
-def test_output_is_deterministic(resnet):
-    a = _compile(resnet).SerializeToString(deterministic=True)
-    b = _compile(resnet).SerializeToString(deterministic=True)
+@pytest.mark.parametrize("kw", [{}, dict(wb=4, ab=4, adaround=True, adaround_iters=20, adaround_samples=16)],
+                         ids=["w8a8", "w4a4-adaround"])
+def test_output_is_deterministic(resnet, kw):
+    a = _compile(resnet, **kw).SerializeToString(deterministic=True)
+    b = _compile(resnet, **kw).SerializeToString(deterministic=True)
     assert a == b
 
 
