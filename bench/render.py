@@ -216,8 +216,11 @@ def ablation(rows: list[dict]) -> list[str]:
            "`python bench/bench_compile.py --bits w4a8 w4a4 --variants rtn bc absorb gptq --no-ort --no-latency`",
            "(run while a `ptqc sensitivity` job shared the machine, so its seconds are only indicative: EfficientNet's",
            "184 s GPTQ cell is contention, the same compile took 22 s alone), and by `--bits w4a4 w2a4 --variants",
-           "equalize`. The default column comes from the main run: below 8-bit activations it adds continuous",
-           "clipping thresholds (`absorb_clip_range`). `--equalize-channels` is an option, off by default.", "",
+           "equalize` and `--bits w4a4 w2a4 --variants adaround`. The adaround run shared the 2 cores with other",
+           "experiments, so its seconds are up to 2x a lone compile's (EfficientNet-Lite0 w4a4: 778 s here, 333 s",
+           "with one other job). The default column comes from the main run: below 8-bit activations it adds",
+           "continuous clipping thresholds (`absorb_clip_range`). `--equalize-channels` and `--adaround` are options,",
+           "off by default; each column adds its option to the default alone.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
            "|---|---|---|" + "---|" * len(order)]
     for model, bits in keys:
