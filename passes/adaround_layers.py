@@ -79,16 +79,6 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
         self.batch = batch
         self.seed = seed
 
-    def _batches(self) -> list:
-        batches, seen = [], 0
-        for batch in self.data.batches(self.batch_size):
-            batch = batch[: self.samples - seen]
-            batches.append(batch)
-            seen += len(batch)
-            if seen >= self.samples:
-                break
-        return batches
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8
@@ -104,7 +94,7 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
         for node in graph:
             if WEIGHT in node.meta and node.meta[WEIGHT].q is not None:
                 weights.update(simulate.layer_arrays(node, quantized=True))
-        batches = self._batches()
+        batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
         for node in progress.steps(layers, "adaround", unit="layer"):

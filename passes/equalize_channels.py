@@ -148,16 +148,12 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
         names = [v.name for v in values]
         session = float_session(model, names)
         hists: dict[str, ChannelHistogram] = {}
-        seen = 0
-        for batch in progress.batches(self.data.batches(self.batch_size), "equalize", total=min(self.samples, len(self.data))):
-            batch = batch[: self.samples - seen]
+        for batch in progress.batches(self.data.head(self.samples, self.batch_size), "equalize",
+                                      total=min(self.samples, len(self.data))):
             for name, arr in zip(names, run_batch(session, input_value.name, batch, names)):
                 if name not in hists:
                     hists[name] = ChannelHistogram(arr.shape[1])
                 hists[name].add(arr)
-            seen += len(batch)
-            if seen >= self.samples:
-                break
         for v in values:
             act = v.meta[ACT]
             qmax = int_range(act.bits, False)[1]

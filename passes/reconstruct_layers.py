@@ -51,17 +51,6 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         self.target = target
         self.search = (-1, 0, 1) if exponent_search else (0,)
 
-    def _batches(self) -> list:
-        """The first ``samples`` samples, decoded once (every layer runs over them again)."""
-        batches, seen = [], 0
-        for batch in self.data.batches(self.batch_size):
-            batch = batch[: self.samples - seen]
-            batches.append(batch)
-            seen += len(batch)
-            if seen >= self.samples:
-                break
-        return batches
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and for_layer(n) is not None]
@@ -76,7 +65,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         weights = {}
         for node in layers:
             weights.update(simulate.layer_arrays(node, quantized=False))
-        batches = self._batches()
+        batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
         before = after = 0.0
         for node in progress.steps(layers, "reconstruct", unit="layer"):
             name = node.inputs[0].name

@@ -48,15 +48,8 @@ class SearchActExponentsPass(ir.passes.InPlacePass):
         session = runtime.make_session(sim.proto, what="the simulated model")
         out_name = session.get_outputs()[0].name
         fp_session = float_session(model, [])
-        batches, targets = [], []
-        seen = 0
-        for batch in self.data.batches(self.batch_size):
-            batch = batch[: self.samples - seen]
-            batches.append(batch)
-            targets.append(run_batch(fp_session, sim.input_name, batch, [out_name])[0])
-            seen += len(batch)
-            if seen >= self.samples:
-                break
+        batches = list(self.data.head(self.samples, self.batch_size))
+        targets = [run_batch(fp_session, sim.input_name, batch, [out_name])[0] for batch in batches]
         norm = sum(float((t.astype(np.float64) ** 2).sum()) for t in targets) or 1.0
 
         def error(exps: dict[str, int]) -> float:

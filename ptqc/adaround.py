@@ -98,11 +98,11 @@ class Result:
 
 def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: np.ndarray, x_f: np.ndarray,
              lo: float | None = None, hi: float | None = None, init_codes: np.ndarray | None = None,
-             init_bias: np.ndarray | None = None, iters: int = 500, batch: int = 1024, lr: float = 1e-2,
+             init_bias: np.ndarray | None = None, iters: int = 100, batch: int = 1024, lr: float = 1e-2,
              drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0) -> Result:
     """Soft-round ``w`` (g, r, d) on grids ``2**exps`` (g, r); inputs (n, g, d), rows first so that a batch of
-    rows is one contiguous gather.  ``bias`` is the float
-    model's (the target's), ``init_bias`` the starting point of the learned one (default: ``bias``).
+    rows is one contiguous gather.  ``bias`` is the float model's (the target's), ``init_bias`` the starting
+    point of the learned one (default: ``bias``).
 
     ``init_codes`` (e.g. GPTQ's) sets the starting rounding direction where a code lies in the box; the
     returned codes are never worse, on the quantized input, than those starting codes rounded into the box.

@@ -153,8 +153,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @_fail_cleanly
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, adaround, adaround_iters, act_search, rounding, preset, size, mean,
-            std):
+            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, adaround,
+            adaround_iters, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand

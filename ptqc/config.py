@@ -97,6 +97,9 @@ class QuantConfig:
                 raise PtqcError(f"layer {name}: {exc}") from None
         if self.rounding not in ("half-even", "half-up"):
             raise PtqcError(f"unknown rounding rule {self.rounding!r}; use half-even or half-up")
+        if self.adaround_iters < 1 or self.adaround_samples < 1:
+            raise PtqcError(f"--adaround-iters and adaround_samples must be at least 1, got {self.adaround_iters} "
+                            f"and {self.adaround_samples}")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
 

@@ -113,6 +113,18 @@ class Dataset:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
+    def head(self, samples: int, batch_size: int) -> Iterator[np.ndarray]:
+        """The first ``samples`` samples (or all, if fewer), in batches of ``batch_size``."""
+        seen = 0
+        if samples < 1:
+            return
+        for batch in self.batches(batch_size):
+            batch = batch[: samples - seen]
+            seen += len(batch)
+            yield batch
+            if seen >= samples:
+                return  # before the next batch is decoded
+
 
 class ImageFolder(Dataset):
     """The first ``limit`` images of a folder in sorted order, preprocessed."""

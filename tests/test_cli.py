@@ -66,6 +66,17 @@ def test_compile_inspect_roundtrip(model_path, calib_npy, tmp_path):
     assert result.exit_code == 0 and "PASS" in result.output
 
 
+def test_compile_with_adaround_records_it(model_path, calib_npy, tmp_path):
+    result = invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--adaround", "--adaround-iters", 5)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(tmp_path / "net.ptqc.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["ptqc.config.adaround"] == "True" and meta["ptqc.config.adaround_iters"] == "5"
+    methods = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "ptqc.methods"]
+    assert any("adaround" in m for m in methods)
+    assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--adaround-iters", 0), "at least 1")
+
+
 def test_compile_from_image_folder_with_a_corrupt_image(model_path, image_dir, tmp_path):
     (image_dir / "zz_broken.jpg").write_bytes(b"not a jpeg at all")
     out = tmp_path / "o.onnx"

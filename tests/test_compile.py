@@ -134,3 +134,21 @@ def test_relu6_fused_as_integer_clip_is_exact():
     x = inputs(32, seed=4)
     fp, out = run(model, x)[0], run(q, x)[0]
     assert np.linalg.norm(out - fp) / np.linalg.norm(fp) < 0.05
+
+
+def test_dataset_head_stops_at_the_sample_count_without_reading_further():
+    from ptqc.data import ArrayData
+
+    class Counting(ArrayData):
+        read = 0
+
+        def batches(self, batch_size):
+            for batch in super().batches(batch_size):
+                Counting.read += 1
+                yield batch
+
+    data = Counting(np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2))
+    sizes = [len(b) for b in data.head(7, 3)]
+    assert sizes == [3, 3, 1] and Counting.read == 3
+    assert [len(b) for b in data.head(50, 4)] == [4, 4, 2]
+    assert list(data.head(0, 4)) == []
