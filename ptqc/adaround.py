@@ -99,10 +99,13 @@ class Result:
 def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: np.ndarray, x_f: np.ndarray,
              lo: float | None = None, hi: float | None = None, init_codes: np.ndarray | None = None,
              init_bias: np.ndarray | None = None, iters: int = 100, batch: int = 1024, lr: float = 1e-2,
-             drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0) -> Result:
+             quantized_share: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0) -> Result:
     """Soft-round ``w`` (g, r, d) on grids ``2**exps`` (g, r); inputs (n, g, d), rows first so that a batch of
     rows is one contiguous gather.  ``bias`` is the float model's (the target's), ``init_bias`` the starting
     point of the learned one (default: ``bias``).
+
+    ``quantized_share`` is the probability that an input element comes from ``x_q`` rather than ``x_f`` (QDrop's
+    mix at 0.5; 1 is AdaRound's asymmetric reconstruction on quantized inputs alone).
 
     ``init_codes`` (e.g. GPTQ's) sets the starting rounding direction where a code lies in the box; the
     returned codes are never worse, on the quantized input, than those starting codes rounded into the box.
@@ -134,13 +137,16 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
     count = max(1, int(warmup * iters))
     for it in range(iters):
         idx = rng.integers(0, n, size=min(batch, n))
-        xq = x_q[idx]
-        if drop > 0:
-            # QDrop: each element comes from the quantized or the float input (random bytes are cheap)
-            keep = np.frombuffer(rng.bytes(xq.size), np.uint8).reshape(xq.shape) < int(256 * drop)
-            x = np.where(keep, xq, x_f[idx])
+        if quantized_share >= 1:
+            x = x_q[idx]
+        elif quantized_share <= 0:
+            x = x_f[idx]
         else:
-            x = xq
+            # QDrop: each element comes from the quantized input with this probability, else from the float one
+            # (random bytes are cheap)
+            xq = x_q[idx]
+            pick = np.frombuffer(rng.bytes(xq.size), np.uint8).reshape(xq.shape) < int(round(256 * quantized_share))
+            x = np.where(pick, xq, x_f[idx])
         _, grad_v, grad_b = objective(v, b, base, s, x, target[idx], lo, hi, scale, bits)
         sig = 1.0 / (1.0 + np.exp(-v))
         h_raw = sig * (ZETA - GAMMA) + GAMMA
