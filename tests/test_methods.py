@@ -252,7 +252,7 @@ def test_adaround_gradient_matches_finite_differences():
     _, gv, gb = objective(v, b, base, s, x, target, 0.0, 1.5, 1.0, 4)
     eps = 1e-6
     for arr, grad in ((v, gv), (b, gb)):
-        for idx in [(0, 0, 0), (1, 2, 4), (0, 1, 3)][: arr.ndim and 3]:
+        for idx in [(0, 0, 0), (1, 2, 4), (0, 1, 3)]:
             idx = idx[: arr.ndim]
             plus, minus = arr.copy(), arr.copy()
             plus[idx] += eps
@@ -277,7 +277,7 @@ def test_adaround_lowers_the_post_activation_error_of_quantized_inputs():
     nearest = layer_loss(quantize(w[0], exps[0][:, None], 4, True)[None] * s, b, x_q, target, 0.0, None)
     res = adaround(w, exps, 4, b, x_q, x_f, lo=0.0, iters=300)
     assert res.before == pytest.approx(nearest)
-    assert res.after < 0.95 * nearest  # measured 0.87
+    assert res.after < 0.95 * nearest  # measured 0.86
     assert res.after == pytest.approx(layer_loss(res.codes * s, res.bias, x_q, target, 0.0, None))
     floor = np.floor(w / s)
     assert np.all((res.codes == np.clip(floor, -8, 7)) | (res.codes == np.clip(floor + 1, -8, 7)))
