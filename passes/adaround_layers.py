@@ -25,12 +25,11 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc import progress, runtime, simulate
+from ptqc import progress, simulate
 from ptqc.adaround import adaround
 from ptqc.annotations import ACT, FUSABLE_ACTS, WEIGHT
 from ptqc.data import Dataset
 from ptqc.hessian import for_layer
-from ptqc.passes.calibrate import float_session, run_batch
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
 from ptqc.quant import int_range
@@ -59,12 +58,6 @@ def output_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def _patches(moment, x: np.ndarray) -> np.ndarray:
-    if moment.op != "Conv":
-        return x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None]
-    return moment.patches(x)
-
-
 class AdaRoundLayersPass(ir.passes.InPlacePass):
     """Refine low-bit layers' codes and biases by AdaRound on quantized-input, post-activation error."""
 
@@ -81,33 +74,23 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8
-                  and for_layer(n) is not None]
+        quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
+        layers = [n for n in quantized if n.meta[WEIGHT].bits < 8 and for_layer(n) is not None]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
-        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
-        inputs = sorted({n.inputs[0].name for n in layers})
-        sim = simulate.build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
-        q_session = runtime.make_session(sim.proto, arena=False, what="the simulated model")
-        fp_session = float_session(model, [n for n in inputs if n != input_value.name])
-        weights = {}
-        for node in graph:
-            if WEIGHT in node.meta and node.meta[WEIGHT].q is not None:
-                weights.update(simulate.layer_arrays(node, quantized=True))
+        paired = simulate.LayerInputs(model, layers, quantized, quantized=True)
         batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
         for node in progress.steps(layers, "adaround", unit="layer"):
-            name = node.inputs[0].name
             moment = for_layer(node)
             # a depthwise channel has d = 9 or 25 weights: 512 rows per weight settle it, and its
             # (rows, channels, taps) patches would otherwise dominate memory and time
             per_batch = -(-min(self.rows, 512 * moment.d if moment.d else self.rows) // len(batches))
             xq_parts, xf_parts = [], []
             for batch in batches:
-                x_q = runtime.run(q_session, {input_value.name: batch, **weights}, [f"{name}__sim"])[0]
-                x_f = batch if name == input_value.name else run_batch(fp_session, input_value.name, batch, [name])[0]
-                pq, pf = _patches(moment, x_q), _patches(moment, x_f)
+                x_q, x_f = paired.pair(node, batch)
+                pq, pf = moment.columns(x_q), moment.columns(x_f)
                 keep = rng.choice(pq.shape[2], size=min(per_batch, pq.shape[2]), replace=False)
                 xq_parts.append(pq[:, :, keep].transpose(2, 0, 1))  # rows first, as adaround wants them
                 xf_parts.append(pf[:, :, keep].transpose(2, 0, 1))
@@ -126,7 +109,7 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
             wq.bias = res.bias.reshape(-1)
             wq.methods.append("adaround")
             logger.debug("%s: error on quantized input %.4g -> %.4g", node.name, res.before, res.after)
-            weights.update(simulate.layer_arrays(node, quantized=True))
+            paired.fix(node)
         logger.info("AdaRound on %d layers: summed layer error %.4g -> %.4g", len(layers), before, after)
         model.graph.meta["ptqc.adaround_loss"] = (before, after)
         return ir.passes.PassResult(model, modified=True)

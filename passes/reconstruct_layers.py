@@ -26,12 +26,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc import progress, runtime, simulate
+from ptqc import progress, simulate
 from ptqc.annotations import WEIGHT
 from ptqc.data import Dataset
 from ptqc.hessian import PairedMoment, for_layer, gptq_pot, row_loss
 from ptqc.passes.bias_correction import expected_output_error
-from ptqc.passes.calibrate import channel_sum, float_session, run_batch
+from ptqc.passes.calibrate import channel_sum
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
 from ptqc.quant import weight_exponents
@@ -56,25 +56,15 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and for_layer(n) is not None]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
-        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
-        inputs = sorted({n.inputs[0].name for n in layers})
-        sim = simulate.build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
-        q_session = runtime.make_session(sim.proto, arena=False, what="the simulated model")
-        fp_names = [n for n in inputs if n != input_value.name]
-        fp_session = float_session(model, fp_names)
-        weights = {}
-        for node in layers:
-            weights.update(simulate.layer_arrays(node, quantized=False))
+        paired = simulate.LayerInputs(model, layers, layers, quantized=False)
         batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
         before = after = 0.0
         for node in progress.steps(layers, "reconstruct", unit="layer"):
-            name = node.inputs[0].name
             moment = for_layer(node, PairedMoment)
             mean_q = mean_f = 0.0
             n = 0
             for batch in batches:
-                x_q = runtime.run(q_session, {input_value.name: batch, **weights}, [f"{name}__sim"])[0]
-                x_f = batch if name == input_value.name else run_batch(fp_session, input_value.name, batch, [name])[0]
+                x_q, x_f = paired.pair(node, batch)
                 moment.add_pair(x_q, x_f)
                 mean_q = mean_q + channel_sum(x_q)
                 mean_f = mean_f + channel_sum(x_f)
@@ -88,7 +78,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
             wq.bias = wq.bias - (expected_output_error(node, zero, w_hat, mean_q / n)
                                  - expected_output_error(node, zero, w, mean_f / n))
             wq.methods.append(f"reconstruct_{self.target}+bias")
-            weights.update(simulate.layer_arrays(node, quantized=True))
+            paired.fix(node)
         logger.info("reconstructed %d layers (%s target): summed layer loss %.4g -> %.4g", len(layers), self.target,
                     before, after)
         model.graph.meta["ptqc.gptq_loss"] = (before, after)

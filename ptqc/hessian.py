@@ -36,10 +36,14 @@ class SecondMoment:
 
     def add(self, x: np.ndarray) -> None:
         """Add a batch of the layer's input (float32 products, float64 running sum)."""
+        self._accumulate(self.columns(x))
+
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """The layer's input vectors for a batch, one per column: (groups, d, samples), float32 (im2col
+        patches for a Conv, the rows of a Gemm/MatMul input otherwise)."""
         if self.op != "Conv":
-            self._accumulate(x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None])
-        else:
-            self._accumulate(self.patches(x))
+            return x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None]
+        return self.patches(x)
 
     def _accumulate(self, p: np.ndarray) -> None:
         h = np.matmul(p, p.transpose(0, 2, 1)).astype(np.float64)
@@ -192,11 +196,7 @@ class PairedMoment(SecondMoment):
     and float (x) inputs, plus the mean of x~ per input channel."""
 
     def add_pair(self, x_q: np.ndarray, x: np.ndarray) -> None:
-        if self.op != "Conv":
-            pq = x_q.reshape(x_q.shape[0], -1).astype(np.float32, copy=False).T[None]
-            pf = x.reshape(x.shape[0], -1).astype(np.float32, copy=False).T[None]
-        else:
-            pq, pf = self.patches(x_q), self.patches(x)
+        pq, pf = self.columns(x_q), self.columns(x)
         hq = np.matmul(pq, pq.transpose(0, 2, 1)).astype(np.float64)
         c = np.matmul(pq, pf.transpose(0, 2, 1)).astype(np.float64)
         hf = np.matmul(pf, pf.transpose(0, 2, 1)).astype(np.float64)

@@ -19,7 +19,9 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from ptqc import runtime
 from ptqc.annotations import ACT, WEIGHT
+from ptqc.passes.calibrate import float_session
 from ptqc.passes.emit_qdq import container
 from ptqc.quant import int_range
 
@@ -171,3 +173,37 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
         b = const(node.inputs[2])
         feed[node.inputs[2].name] = (wq.bias if quantized else b).astype(np.float32).reshape(b.shape)
     return feed
+
+
+class LayerInputs:
+    """Paired inputs of weighted layers, for passes that fix layers one at a time in order: what ``layer`` reads
+    in the simulated quantized model (weights fed as inputs, so layers fixed so far count with their integer
+    weights and corrected bias) and in the float model.
+
+    ``fed`` are the layers whose weights the simulation is fed, starting float or quantized; :meth:`fix` then
+    switches one layer to its current integer weights and bias.  Both sessions run without onnxruntime's arena:
+    with many intermediate tensors exposed, an arena's peak memory grows with every run.
+    """
+
+    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool):
+        graph = model.graph
+        self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
+        inputs = sorted({n.inputs[0].name for n in layers})
+        sim = build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
+        self._q = runtime.make_session(sim.proto, arena=False, what="the simulated model")
+        self._fp = float_session(model, [n for n in inputs if n != self.input_name])
+        self.weights: dict[str, np.ndarray] = {}
+        for node in fed:
+            self.weights.update(layer_arrays(node, quantized=quantized))
+
+    def pair(self, layer: ir.Node, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(quantized, float) input of ``layer`` for one batch of model inputs."""
+        name = layer.inputs[0].name
+        x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{name}__sim"])[0]
+        x_f = batch if name == self.input_name else runtime.run(self._fp, {self.input_name: batch}, [name])[0]
+        return x_q, x_f
+
+    def fix(self, layer: ir.Node) -> None:
+        """From now on the simulation computes ``layer`` with its integer weights and current bias."""
+        self.weights.update(layer_arrays(layer, quantized=True))
+
