@@ -26,13 +26,14 @@ MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficien
 
 #: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
 VARIANTS = {
-    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False),  # plain power-of-two round to nearest
-    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False),  # + compensation bias
-    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False),  # + ReLU6 range absorption
-    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True),  # + GPTQ with exponent choice
-    "default": {},
-    "equalize": dict(equalize_channels=True),  # + per-channel clipping thresholds (option)
-    "adaround": dict(adaround=True),  # + AdaRound through the activation on quantized inputs (option)
+    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False),
+    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False),  # + bias
+    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False),
+    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False),
+    "clip": dict(adaround=False),  # + continuous clipping thresholds below 8 bits (the default before AdaRound)
+    "default": {},  # + AdaRound below 8-bit weights
+    "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
+    "adaround": dict(adaround=True),  # AdaRound asked for explicitly: the default since it became one
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

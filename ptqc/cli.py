@@ -142,7 +142,8 @@ def main(quiet: bool, verbose: bool) -> None:
                    "absorbed into the weights (see docs/benchmarks.md for where it helps).")
 @click.option("--adaround/--no-adaround", default=None,
               help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
-                   "activation, facing its quantized input (slower; see docs/benchmarks.md).")
+                   "activation, facing its quantized input [default: on when any weights are below 8 bits]. "
+                   "Minutes instead of seconds; --max-drop trials run without it (docs/benchmarks.md).")
 @click.option("--adaround-iters", type=int, default=None, help="Adam steps per layer for --adaround [default: 100].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
@@ -206,7 +207,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
         else:
             config, choice = mixed.target_size(model, calib, config, pre, target_size)
         click.echo(choice.describe(), err=True)
-    result = ptqc.compile(model, calib, config, pre)
+    result = choice.result if choice is not None and choice.result is not None else ptqc.compile(model, calib, config, pre)
     if choice is not None:
         entry = result.model.metadata_props.add()
         entry.key, entry.value = "ptqc.mixed_precision", choice.describe()

@@ -61,8 +61,12 @@ class QuantConfig:
     #: MobileNetV1 39.5 -> 43.1%, but EfficientNet-Lite0 64.2 -> 61.0%
     equalize_channels: bool = False
     #: after GPTQ, refine each low-bit layer in order by AdaRound on the error after its activation, facing its
-    #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images
-    adaround: bool = False
+    #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images.
+    #: None = on when any layer has weights below 8 bits (w4a4 val500 top-1: MobileNetV2 28.2 -> 46.2,
+    #: MobileNetV1 44.0 -> 54.4, EfficientNet-Lite0 63.0 -> 68.8; MobileNetV2 w4a8 70.4 -> 71.6), at the cost of
+    #: minutes instead of seconds; searches that compile many trial models (``--max-drop``, ``ptqc
+    #: sensitivity``) leave it off in their trials (:meth:`for_trials`)
+    adaround: bool | None = None
     adaround_iters: int = 100
     adaround_samples: int = 64
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
@@ -116,13 +120,33 @@ class QuantConfig:
         return self.gptq if self.gptq is not None else True
 
     @property
+    def low_bit_weights(self) -> bool:
+        """Some layer's weights are below 8 bits (the first layer's pair-safe 7-bit grid does not count)."""
+        return self.weight_bits < 8 or any(layer_widths(b)[0] < 8 for b in self.layer_bits.values())
+
+    @property
+    def use_adaround(self) -> bool:
+        return self.adaround if self.adaround is not None else self.low_bit_weights
+
+    def for_trials(self) -> QuantConfig:
+        """The settings a search's trial compiles use: AdaRound left off unless it was asked for explicitly,
+        since a search compiles many models and AdaRound turns each from seconds into minutes."""
+        return dataclasses.replace(self, adaround=False) if self.adaround is None else self
+
+    @property
     def moment_samples(self) -> int:
         if self.gptq_samples is not None:
             return self.gptq_samples
         return 128 if self.weight_bits < 8 else 32
 
     def as_metadata(self) -> dict[str, str]:
-        return {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+        """Every setting as ``ptqc.config.<field>``; a setting left to its automatic default says what it
+        resolved to, e.g. ``auto: True``."""
+        out = {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+        for key, resolved in (("gptq", self.use_gptq), ("adaround", self.use_adaround)):
+            if getattr(self, key) is None:
+                out[f"ptqc.config.{key}"] = f"auto: {resolved}"
+        return out
 
 
 def load_toml(path: str) -> dict:

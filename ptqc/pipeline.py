@@ -99,7 +99,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([ReconstructLayersPass(data, config.batch_size, config.moment_samples, config.gptq_target)] if sequential else []),
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
         *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters)]
-          if config.adaround else []),
+          if config.use_adaround else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
         EmitQdqPass(config.rounding),
@@ -113,7 +113,7 @@ def data_free_config(config: QuantConfig) -> QuantConfig:
         raise PtqcError("--gptq-target asym/qdrop, --act-search and --adaround need calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
-    return dataclasses.replace(config, gptq=False)
+    return dataclasses.replace(config, gptq=False, adaround=False)
 
 
 def compile(

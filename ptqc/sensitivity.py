@@ -4,6 +4,8 @@ Each weighted layer in turn is compiled at the low bit width (its weights and it
 every other layer at 8 bits, the near-lossless baseline that per-layer analyses in AIMET and Quark also use.
 Each result is scored against FP32 on held-out samples: logit SNR in dB, and top-1 when labels are given.
 The ranking puts the most sensitive layer first. Run ``--bits NAME=8`` on those layers to keep them at 8 bits.
+The compiles leave AdaRound off unless it was asked for (:meth:`QuantConfig.for_trials`): one per layer at
+minutes each would turn a run of minutes into hours.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def analyse(model: str, calib, config: QuantConfig, held_out: np.ndarray, labels
         return runtime.run(session, {session.get_inputs()[0].name: held_out})[0]
 
     fp = logits(model)
+    config = config.for_trials()
 
     def score(cfg: QuantConfig) -> tuple[float, float, float | None]:
         q = logits(ptqc.compile(model, calib, cfg, preprocess).model)

@@ -99,6 +99,22 @@ def test_max_drop_picks_the_shortest_prefix_that_meets_the_budget():
         assert bounds[k - 1] > budget
 
 
+def test_max_drop_trials_skip_adaround_and_the_chosen_model_has_it():
+    model, x = resnet_like(seed=5, width=16), inputs(96, seed=6)
+    cfg = QuantConfig(2, 2, calib_size=32, adaround_iters=10)
+    assert cfg.use_adaround and not cfg.for_trials().use_adaround
+    assert QuantConfig(2, 2, adaround=True).for_trials().use_adaround  # asked for: trials keep it
+    assert QuantConfig(8, 8, layer_bits={"conv": "w4a8"}).use_adaround and not QuantConfig(8, 8).use_adaround
+    new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, 50.0, x[32:])
+    assert choice.result is not None and new_cfg.use_adaround
+    # the model handed back is the full-settings compile of the choice, measured on the held-out samples
+    again = ptqc.compile(model, x[:32], new_cfg).model
+    assert choice.result.model.SerializeToString(deterministic=True) == again.SerializeToString(deterministic=True)
+    assert any("adaround" in p.value for n in again.graph.node for p in n.metadata_props if p.key == "ptqc.methods")
+    mean, upper = mixed.drop_bound(run(model, x[32:])[0], run(again, x[32:])[0])
+    assert (mean, upper) == pytest.approx((choice.estimate, choice.upper))
+
+
 def test_cli_max_drop_writes_the_choice_into_the_model(tmp_path):
     path, data = tmp_path / "m.onnx", tmp_path / "x.npy"
     onnx.save(resnet_like(seed=5, width=16), str(path))
