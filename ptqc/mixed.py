@@ -20,7 +20,7 @@ alone (one compile and one analysis run, seconds), or from ``ptqc sensitivity`` 
   sides of the labelled drop (val500 w8a8 1.03 vs 0.8, w4a8 8.9 vs 8.2, w4a4 47.7 vs 50.4).
 * Trial compiles leave AdaRound off unless it was asked for (:meth:`QuantConfig.for_trials`).  The chosen
   prefix is then compiled once more with the full settings, and that model is measured on the same held-out
-  samples: it is kept if its bound fits the budget (or is no worse than the trial's), else the trial model is.
+  samples: it is kept if its bound fits the budget, else the trial model is.
 * ``--target-size MB``: the longest prefix whose weights (at their bit widths, plus int32 biases) fit in
   ``MB`` megabytes (10^6 bytes).
 """
@@ -198,9 +198,9 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
         mean, upper = measure(result.model)
         logger.info("max-drop: the chosen %d layers with the full settings -> held-out drop %.2f points "
                     "(95%% bound %.2f; trial %.2f)", hi, mean, upper, choice.upper)
-        if upper <= budget or upper <= choice.upper:
+        if upper <= budget:
             choice.estimate, choice.upper, choice.result = mean, upper, result
-        else:  # the full settings did worse than the trial here: write the trial model
+        else:  # the full settings missed the budget the trial met: write the trial model
             chosen = with_raised(trial_config, choice.raised)
     choice.size_mb = weight_bytes(choice.result.model if choice.result else cache[hi][2]) / 1e6
     return chosen, choice

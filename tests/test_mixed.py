@@ -128,3 +128,20 @@ def test_cli_max_drop_writes_the_choice_into_the_model(tmp_path):
     res = CliRunner().invoke(main, ["compile", str(path), "--calib", str(data), "--calib-size", "96", "--max-drop", "1",
                                     "-o", str(tmp_path / "r.onnx")])
     assert res.exit_code == 2 and "has only 96" in res.output
+
+
+def test_max_drop_writes_the_trial_model_when_the_full_settings_miss_the_budget(monkeypatch):
+    model, x = resnet_like(seed=5, width=16), inputs(96, seed=6)
+    cfg = QuantConfig(2, 2, calib_size=32, adaround_iters=10)
+    _, first = mixed.max_drop(model, x[:32], cfg, None, 50.0, x[32:])  # unpatched: how many trials it makes
+    real, calls = mixed.drop_bound, []
+
+    def bound(fp, q, labels=None):  # the trials as measured, then the full-settings compile far over budget
+        calls.append(q)
+        return real(fp, q, labels) if len(calls) <= len(first.trials) else (99.0, 99.0)
+
+    monkeypatch.setattr(mixed, "drop_bound", bound)
+    new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, 50.0, x[32:])
+    assert len(calls) == len(first.trials) + 1 and choice.raised == first.raised
+    assert choice.result is None and not new_cfg.use_adaround
+    assert (choice.estimate, choice.upper) == dict((k, (m, u)) for k, m, u in choice.trials)[len(choice.raised)]
