@@ -18,7 +18,7 @@ after it, one at a time in topological order.  For each layer it guarantees:
 
 from __future__ import annotations
 
-__all__ = ["AdaRoundLayersPass", "output_bounds", "sampled_columns"]
+__all__ = ["AdaRoundLayersPass", "output_bounds"]
 
 import logging
 
@@ -58,26 +58,6 @@ def output_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def sampled_columns(moment, xs: tuple[np.ndarray, ...], count: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The same ``count`` random columns (``moment.columns``: im2col patches) of each batch in ``xs``, drawn
-    without replacement over the whole batch, built one image at a time: the patches of a whole batch of a
-    depthwise layer at 112x112 took 0.7 GB per input on EfficientNet-Lite0, for the few thousand kept."""
-    n = len(xs[0])
-    firsts = [moment.columns(x[:1]) for x in xs]
-    per = firsts[0].shape[2]  # columns per image (the same for every image of the batch)
-    keep = rng.choice(per * n, size=min(count, per * n), replace=False)
-    image = keep // per
-    outs = [np.empty(c.shape[:2] + (len(keep),), c.dtype) for c in firsts]
-    for i in range(n):
-        where = np.flatnonzero(image == i)
-        if not len(where):
-            continue
-        for x, first, out in zip(xs, firsts, outs):
-            cols = first if i == 0 else moment.columns(x[i : i + 1])
-            out[:, :, where] = cols[:, :, keep[where] - i * per]
-    return outs
-
-
 class AdaRoundLayersPass(ir.passes.InPlacePass):
     """Refine low-bit layers' codes and biases by AdaRound on quantized-input, post-activation error."""
 
@@ -110,9 +90,10 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
             xq_parts, xf_parts = [], []
             for batch in batches:
                 x_q, x_f = paired.pair(node, batch)
-                pq, pf = sampled_columns(moment, (x_q, x_f), per_batch, rng)
-                xq_parts.append(pq.transpose(2, 0, 1))  # rows first, as adaround wants them
-                xf_parts.append(pf.transpose(2, 0, 1))
+                pq, pf = moment.columns(x_q), moment.columns(x_f)
+                keep = rng.choice(pq.shape[2], size=min(per_batch, pq.shape[2]), replace=False)
+                xq_parts.append(pq[:, :, keep].transpose(2, 0, 1))  # rows first, as adaround wants them
+                xf_parts.append(pf[:, :, keep].transpose(2, 0, 1))
             wq = node.meta[WEIGHT]
             w = const(node.inputs[1]).astype(np.float64)
             wg, g = grouped(node, w, wq.axis)

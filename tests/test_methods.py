@@ -298,19 +298,3 @@ def test_adaround_pass_lowers_the_layer_error_and_keeps_shift_only_scales():
     assert after < before
     assert any("adaround" in n.meta[WEIGHT].methods for n in irm.graph if WEIGHT in n.meta)
     assert inspect_model(to_proto(irm)).ok
-
-
-@pytest.mark.parametrize("op,shape,attrs", [("Conv", (6, 1, 3, 3), dict(group=6, kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2))),
-                                            ("Conv", (4, 6, 1, 1), {}), ("Gemm", (4, 6), {})])
-def test_sampled_columns_are_the_whole_batch_columns_at_the_same_random_rows(op, shape, attrs):
-    from ptqc.passes.adaround_layers import sampled_columns
-
-    moment = SecondMoment(op, shape, **attrs)
-    rng = np.random.default_rng(3)
-    xs = tuple(rng.standard_normal((5, 6, 9, 9) if op == "Conv" else (5, 6)).astype(np.float32) for _ in range(2))
-    whole = [moment.columns(x) for x in xs]
-    count = whole[0].shape[2] // 3 + 1
-    keep = np.random.default_rng(7).choice(whole[0].shape[2], size=count, replace=False)
-    got = sampled_columns(moment, xs, count, np.random.default_rng(7))
-    for full, part in zip(whole, got):
-        assert np.array_equal(part, full[:, :, keep])
