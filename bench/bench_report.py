@@ -149,7 +149,8 @@ def main() -> None:
                 emit({"kind": "max_drop", "model": name, "bits": bits, "budget": budget, "refused": str(exc),
                       "scored_by": scored_by}, args.out)
                 continue
-            q = ptqc.compile(path, calib, new_cfg, pre).model
+            # the search compiled the chosen model itself when its trials ran without AdaRound
+            q = choice.result.model if choice.result is not None else ptqc.compile(path, calib, new_cfg, pre).model
             seconds = time.perf_counter() - start
             out = os.path.join(work, f"maxdrop_{bits}_{budget:g}.onnx")
             onnx.save(q, out)
@@ -157,7 +158,7 @@ def main() -> None:
             emit({"kind": "max_drop", "model": name, "bits": bits, "budget": budget, "raised": choice.raised,
                   "n_raised": len(choice.raised), "ranked": len(choice.ranking), "held_out_drop": round(choice.estimate, 2),
                   "held_out_bound": round(choice.upper, 2), "held_out_images": len(held),
-                  "scored_by": scored_by,
+                  "scored_by": scored_by + (", AdaRound on the chosen model" if new_cfg.use_adaround else ""),
                   "trials": choice.trials, "fp32_top1": fp_top1, "top1": acc, "drop": round(fp_top1 - acc, 2),
                   "weights_mb": round(choice.size_mb, 3), "search_s": round(seconds, 1)}, args.out)
     shutil.rmtree(work, ignore_errors=True)

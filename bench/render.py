@@ -136,7 +136,9 @@ def debugging(rows: list[dict]) -> list[str]:
                 " whose estimated drop on held-out calibration images (never calibrated on) is at most D points with 95%"
                 " confidence; then val500. \"softmax estimate\" rows used the first label-free estimator (the expected"
                 " drop under the float softmax), which ran low; \"confidence lost\" rows use the current one"
-                " (docs/report.md). A refusal says the budget cannot be met even with every ranked layer at 8 bits.", "",
+                " (docs/report.md). A refusal says the budget cannot be met even with every ranked layer at 8 bits."
+                " Rows marked \"AdaRound on the chosen model\" ran with AdaRound as the default: trials without it, then"
+                " the chosen prefix compiled with it and measured again on the same held-out images.", "",
                 "| budget | base bits, held-out score | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 |"
                 " val500 drop | weights MB | search s |", "|---|---|---|---|---|---|---|---|---|"]
         latest = OrderedDict()
