@@ -50,18 +50,28 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     input_name = next(i.name for i in graph.input if i.name not in inits)
-    # weights and biases
-    for node in model.graph:
+    # weights and biases; a Conv/Gemm without a bias input gets one when its quantized form has a bias (the
+    # writer adds it the same way), and always when weights are fed, so that any mix can be fed
+    for node, proto_node in zip(model.graph, graph.node):
         wq = node.meta.get(WEIGHT)
-        if wq is None or wq.q is None:
+        if wq is None:
             continue
-        if quantize_weights is not True and (not quantize_weights or node.name not in quantize_weights):
+        quantize = wq.q is not None and (quantize_weights is True or (quantize_weights and node.name in quantize_weights))
+        bias_name = added_bias(node)
+        if bias_name is not None and (weight_inputs or (quantize and wq.bias is not None and np.any(wq.bias))):
+            bias = wq.bias if quantize and wq.bias is not None else np.zeros(const_shape(node)[wq.axis])
+            graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32).reshape(-1), bias_name))
+            inits[bias_name] = graph.initializer[-1]
+            while len(proto_node.input) < 2:
+                proto_node.input.append("")
+            proto_node.input.append(bias_name)
+        if not quantize:
             continue
         w_hat = wq.dequantized().astype(np.float32)
         wname = node.inputs[1].name
         inits[wname].CopyFrom(numpy_helper.from_array(w_hat, wname))
-        if len(node.inputs) > 2 and node.inputs[2] is not None and wq.bias is not None:
-            bname = node.inputs[2].name
+        if (bias_name in inits or (len(node.inputs) > 2 and node.inputs[2] is not None)) and wq.bias is not None:
+            bname = bias_name if bias_name in inits else node.inputs[2].name
             bias = wq.bias
             e_in = node.inputs[0].meta[ACT].exp if ACT in node.inputs[0].meta else None
             if wq.bias_q is not None and e_in is not None:  # after legalize_scales: the int32 bias the writer emits
@@ -136,6 +146,8 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
                 movable.add(node.inputs[1].name)
                 if len(node.inputs) > 2 and node.inputs[2] is not None:
                     movable.add(node.inputs[2].name)
+                elif added_bias(node) is not None:
+                    movable.add(added_bias(node))
         kept = [i for i in graph.initializer if i.name not in movable]
         for i in graph.initializer:
             if i.name in movable:
@@ -148,6 +160,17 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     proto.ir_version = min(max(proto.ir_version, 8), 10)
     return Simulation(proto, scale_names, input_name)
+
+
+def added_bias(node: ir.Node) -> str | None:
+    """Name of the bias input the simulation gives a Conv/Gemm that has none (None: it has one, or is a MatMul)."""
+    if node.op_type not in ("Conv", "Gemm") or (len(node.inputs) > 2 and node.inputs[2] is not None):
+        return None
+    return f"{node.inputs[1].name}__bias"
+
+
+def const_shape(node: ir.Node) -> tuple[int, ...]:
+    return tuple(node.inputs[1].const_value.shape)
 
 
 def scale_feed(model: ir.Model, sim: Simulation, exps: dict[str, int] | None = None) -> dict[str, np.ndarray]:
@@ -172,6 +195,10 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         b = const(node.inputs[2])
         feed[node.inputs[2].name] = (wq.bias if quantized else b).astype(np.float32).reshape(b.shape)
+    elif added_bias(node) is not None:
+        rows = const_shape(node)[wq.axis]
+        bias = wq.bias if quantized and wq.bias is not None else np.zeros(rows)
+        feed[added_bias(node)] = bias.astype(np.float32).reshape(-1)
     return feed
 
 

@@ -86,6 +86,24 @@ def mobilenet_like(seed: int = 0) -> onnx.ModelProto:
     return b.model("input", "logits", ["N", 3, 16, 16], ["N", 10])
 
 
+def strided_residual():
+    """A stride-2 expand/depthwise/project block with asymmetric padding, then a residual block."""
+    b = Builder(3)
+    lo, hi = b.init("lo", np.array(0.0, np.float32)), b.init("hi", np.array(6.0, np.float32))
+    x = b.node("Clip", [b.conv("input", 3, 8, k=3), lo, hi])
+    y = b.node("Clip", [b.conv(x, 8, 16, k=1), lo, hi])
+    y = b.node("Conv", [y, b.init("W", b.rng.normal(0, 0.4, (16, 1, 3, 3)).astype(np.float32))],
+               kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2], group=16)
+    y = b.node("Relu", [y])
+    x = b.conv(y, 16, 8, k=1)
+    z = b.node("Clip", [b.conv(x, 8, 16, k=1), lo, hi])
+    z = b.node("Clip", [b.conv(z, 16, 16, k=5, group=16), lo, hi])
+    z = b.conv(z, 16, 8, k=1)
+    b.node("Add", [x, z])
+    b.nodes[-1].output[0] = "out"
+    return b.model("input", "out", ["N", 3, 15, 15], ["N", 8, 8, 8])
+
+
 def inputs(n: int = 16, size: int = 16, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.clip(rng.normal(0, 0.6, (n, 3, size, size)), -1, 1).astype(np.float32)

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 
 import ptqc
-from graphs import inputs, mobilenet_like, resnet_like
+from graphs import inputs, mobilenet_like, resnet_like, strided_residual
 from ptqc import loader
 from ptqc.data import ArrayData
 from ptqc.pipeline import build_passes
@@ -27,9 +27,12 @@ def _run(proto, feed):
 
 
 def test_simulation_matches_the_emitted_model():
-    for model, cfg in ((resnet_like(), ptqc.QuantConfig(4, 4, calib_size=32)),
-                       (mobilenet_like(), ptqc.QuantConfig(8, 8, calib_size=32))):
-        calib, x = inputs(32, seed=1), inputs(16, seed=2)
+    # strided_residual has a Conv without a bias input, which gets one from bias correction
+    for model, cfg, size in ((resnet_like(), ptqc.QuantConfig(4, 4, calib_size=32), 16),
+                             (mobilenet_like(), ptqc.QuantConfig(8, 8, calib_size=32), 16),
+                             (strided_residual(), ptqc.QuantConfig(4, 4, calib_size=32, adaround=False,
+                                                                   block_recon=False), 15)):
+        calib, x = inputs(32, size=size, seed=1), inputs(16, size=size, seed=2)
         emitted = ptqc.compile(model, calib, cfg).model
         irm = _annotated(model, cfg, calib)
         ref = _run(emitted, {"input": x})
