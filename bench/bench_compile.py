@@ -26,14 +26,18 @@ MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficien
 
 #: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
 VARIANTS = {
-    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False),
-    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False),  # + bias
-    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False),
-    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False),
-    "clip": dict(adaround=False),  # + continuous clipping thresholds below 8 bits (the default before AdaRound)
-    "default": {},  # + AdaRound below 8-bit weights
+    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
+                block_recon=False),
+    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
+               block_recon=False),  # + bias
+    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False,
+                   block_recon=False),
+    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False,
+                 block_recon=False),
+    "clip": dict(adaround=False, block_recon=False),  # + continuous clipping thresholds below 8 bits
+    "adaround": dict(adaround=True, block_recon=False),  # + AdaRound below 8-bit weights (the default until blocks)
+    "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
-    "adaround": dict(adaround=True),  # AdaRound asked for explicitly: the default since it became one
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -145,6 +145,11 @@ def main(quiet: bool, verbose: bool) -> None:
                    "activation, facing its quantized input [default: on when any weights are below 8 bits]. "
                    "Minutes instead of seconds; --max-drop trials run without it (docs/benchmarks.md).")
 @click.option("--adaround-iters", type=int, default=None, help="Adam steps per layer for --adaround [default: 100].")
+@click.option("--block-recon/--no-block-recon", default=None,
+              help="After AdaRound, learn the rounding of each block's low-bit layers together against the block's "
+                   "output, with its activation quantizers in the loop (BRECQ/QDrop-style, numpy) "
+                   "[default: off].")
+@click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
@@ -155,7 +160,7 @@ def main(quiet: bool, verbose: bool) -> None:
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, adaround,
-            adaround_iters, act_search, rounding, preset, size, mean, std):
+            adaround_iters, block_recon, block_iters, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand
@@ -172,7 +177,8 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
              "calib_size": calib_size, "batch_size": batch_size, "act_method": act_calib,
              "bias_correction": not no_bias_correction, "absorb_clip": not no_absorb, "gptq": gptq,
              "gptq_target": gptq_target, "equalize_channels": equalize_channels, "adaround": adaround,
-             "adaround_iters": adaround_iters, "act_search": act_search, "rounding": rounding,
+             "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
+             "act_search": act_search, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}

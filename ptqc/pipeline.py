@@ -32,6 +32,7 @@ from ptqc.passes.gptq_rounding import GptqRoundingPass
 from ptqc.passes.legalize_scales import LegalizeScalesPass
 from ptqc.passes.plan_quantization import PlanQuantizationPass
 from ptqc.passes.pot_scales import PotScalesPass
+from ptqc.passes.reconstruct_blocks import ReconstructBlocksPass
 from ptqc.passes.reconstruct_layers import ReconstructLayersPass
 from ptqc.passes.search_act_exponents import SearchActExponentsPass
 
@@ -100,6 +101,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
         *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters)]
           if config.use_adaround else []),
+        *([ReconstructBlocksPass(data, config.batch_size, config.block_samples, config.block_iters)]
+          if config.use_block_recon else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
         EmitQdqPass(config.rounding),
@@ -109,11 +112,12 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
 def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
-    if config.gptq_target != "float" or config.act_search or config.adaround:
-        raise PtqcError("--gptq-target asym/qdrop, --act-search and --adaround need calibration data; pass --calib")
+    if config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon:
+        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround and --block-recon need calibration "
+                        "data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
-    return dataclasses.replace(config, gptq=False, adaround=False)
+    return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False)
 
 
 def compile(

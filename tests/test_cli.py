@@ -80,12 +80,26 @@ def test_compile_with_adaround_records_it(model_path, calib_npy, tmp_path):
 @pytest.mark.parametrize("flags,expected,ran", [(["--w4a4"], "auto: True", True), (["--w8a8"], "auto: False", False),
                                                 (["--w4a4", "--no-adaround"], "False", False)])
 def test_adaround_is_on_below_8_bit_weights_unless_turned_off(model_path, calib_npy, tmp_path, flags, expected, ran):
-    result = invoke("compile", model_path, *flags, "--calib", calib_npy, "--adaround-iters", 5)
+    result = invoke("compile", model_path, *flags, "--calib", calib_npy, "--adaround-iters", 5, "--no-block-recon")
     assert result.exit_code == 0, result.output
     model = onnx.load(str(tmp_path / "net.ptqc.onnx"))
     assert {p.key: p.value for p in model.metadata_props}["ptqc.config.adaround"] == expected
     methods = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "ptqc.methods"]
     assert any("adaround" in m for m in methods) == ran
+
+
+@pytest.mark.parametrize("flags,expected,ran", [(["--w4a4"], "auto: True", True), (["--w8a8"], "auto: False", False),
+                                                (["--w4a4", "--no-block-recon"], "False", False)])
+def test_block_recon_is_on_below_8_bit_weights_unless_turned_off(model_path, calib_npy, tmp_path, flags, expected, ran):
+    result = invoke("compile", model_path, *flags, "--calib", calib_npy, "--no-adaround", "--block-iters", 300)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(tmp_path / "net.ptqc.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["ptqc.config.block_recon"] == expected
+    assert meta["ptqc.config.block_iters"] == "300"
+    methods = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "ptqc.methods"]
+    assert any("block-recon" in m for m in methods) == ran
+    assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-iters", 0), "at least 1")
 
 
 def test_compile_from_image_folder_with_a_corrupt_image(model_path, image_dir, tmp_path):

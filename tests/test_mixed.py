@@ -104,6 +104,8 @@ def test_max_drop_trials_skip_adaround_and_the_chosen_model_has_it():
     cfg = QuantConfig(2, 2, calib_size=32, adaround_iters=10)
     assert cfg.use_adaround and not cfg.for_trials().use_adaround
     assert QuantConfig(2, 2, adaround=True).for_trials().use_adaround  # asked for: trials keep it
+    assert cfg.use_block_recon and not cfg.for_trials().use_block_recon
+    assert QuantConfig(2, 2, block_recon=True).for_trials().use_block_recon
     assert QuantConfig(8, 8, layer_bits={"conv": "w4a8"}).use_adaround and not QuantConfig(8, 8).use_adaround
     new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, 50.0, x[32:])
     assert choice.result is not None and new_cfg.use_adaround

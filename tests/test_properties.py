@@ -88,7 +88,8 @@ def test_random_graphs_compile_verify_and_export(spec, tmp_path_factory):
     rng = np.random.default_rng(spec["seed"])
     calib = np.clip(rng.normal(0, 0.6, (16, 3, spec["size"], spec["size"])), -1, 1).astype(np.float32)
     cfg = ptqc.QuantConfig(weight_bits=spec["wbits"], act_bits=spec["abits"], calib_size=16,
-                           first_last_8bit=spec["first_last_8bit"], rounding=spec["rounding"], gptq_samples=16)
+                           first_last_8bit=spec["first_last_8bit"], rounding=spec["rounding"], gptq_samples=16,
+                           block_iters=5)
     q = ptqc.compile(model, calib, cfg).model
     x = np.clip(rng.normal(0, 0.7, (6, 3, spec["size"], spec["size"])), -1.2, 1.2).astype(np.float32)
     report = verify(q, x)

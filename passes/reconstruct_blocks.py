@@ -1,0 +1,162 @@
+"""Block reconstruction: learn the rounding of a block's low-bit layers together, against the block's output.
+
+The graph is cut into blocks (``ptqc.blockrec``): single-input, single-output runs of Conv/Relu/Clip/Add
+that end after a dense Conv (or a residual Add) once they hold at least two Convs, i.e. the inverted residual
+blocks of MobileNetV2/EfficientNet and the depthwise-pointwise pairs of MobileNetV1.  Runs with any other op
+are left alone.  In topological order, for each block with a layer below 8 bits, the pass guarantees:
+
+* the block's input comes from a simulation in which every activation is quantized and every earlier layer
+  has its final integer weights and bias; the target is the float model's block output at the same positions;
+* the codes of its low-bit layers stay at the floor or the ceiling of ``W/s`` on their power-of-two grids and
+  are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
+  activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
+  input is a 50/50 mix of quantized and float);
+* on the quantized input, the block's output error is never above that of its starting codes and biases.
+
+8-bit layers inside a block keep their codes and take part as fixed quantized layers.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ReconstructBlocksPass", "find_blocks"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc import progress, simulate
+from ptqc.annotations import WEIGHT
+from ptqc.blockrec import SUPPORTED, Block, Layer, Program, Windows, conv_spec, reconstruct, sample_windows
+from ptqc.data import Dataset
+from ptqc.passes.fold_batchnorm import const
+
+logger = logging.getLogger(__name__)
+
+
+def _segments(graph: ir.Graph) -> list[list[ir.Node]]:
+    """The graph's nodes split at every tensor that is, at that point of the topological order, the only one
+    still to be read (a cut every path goes through)."""
+    nodes = list(graph)
+    pos = {id(n): i for i, n in enumerate(nodes)}
+    outputs = {v.name for v in graph.outputs}
+    last: dict[str, int] = {}
+    for v in list(graph.inputs) + [o for n in nodes for o in n.outputs]:
+        if v.name in graph.initializers:
+            continue
+        uses = [pos[id(u.node)] for u in v.uses() if id(u.node) in pos]
+        last[v.name] = len(nodes) if v.name in outputs else max(uses, default=-1)
+    live = {v.name for v in graph.inputs if v.name not in graph.initializers and last.get(v.name, -1) >= 0}
+    segments, current = [], []
+    for i, node in enumerate(nodes):
+        current.append(node)
+        live |= {o.name for o in node.outputs if last.get(o.name, -1) > i}
+        live -= {name for name in list(live) if last[name] <= i}
+        if len(live) == 1:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return segments
+
+
+def find_blocks(graph: ir.Graph) -> list[Block]:
+    """Blocks for reconstruction, in topological order (see the module docstring)."""
+    blocks, current = [], []
+
+    def close():
+        nonlocal current
+        if any(n.op_type == "Conv" for n in current):
+            try:
+                blocks.append(Block(current))
+            except ValueError as exc:
+                logger.debug("not a block (%s): %s", exc, [n.name for n in current])
+        current = []
+
+    for seg in _segments(graph):
+        ok = all(n.op_type in SUPPORTED for n in seg) and all(
+            conv_spec(n) is not None and WEIGHT in n.meta for n in seg if n.op_type == "Conv")
+        if not ok:
+            close()
+            continue
+        current.extend(seg)
+        convs = [n for n in current if n.op_type == "Conv"]
+        uses = current[-1].outputs[0].uses()
+        activation_follows = len(uses) == 1 and uses[0].node.op_type in ("Relu", "Clip")
+        if len(convs) >= 2 and not conv_spec(convs[-1]).depthwise and not activation_follows:
+            close()
+    close()
+    return blocks
+
+
+def _float(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+    w = const(node.inputs[1]).astype(np.float64)
+    b = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return w, (np.zeros(w.shape[0]) if b is None else b.astype(np.float64).reshape(-1))
+
+
+class ReconstructBlocksPass(ir.passes.InPlacePass):
+    """Refine low-bit layers block by block, on the block output error with activation quantization inside."""
+
+    def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 128, iters: int = 300,
+                 windows: int = 16384, out: int = 2, batch: int = 128, seed: int = 0):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+        self.samples = samples
+        self.iters = iters
+        self.windows = windows
+        self.out = out
+        self.batch = batch
+        self.seed = seed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        blocks = [b for b in find_blocks(graph)
+                  if any(n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8 for n in b.layers)]
+        if not blocks:
+            return ir.passes.PassResult(model, modified=False)
+        quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
+        heads = [next(n for n in b.layers if n.inputs[0].name == b.input) for b in blocks]
+        paired = simulate.LayerInputs(model, heads, quantized, quantized=True)
+        batches = list(self.data.head(self.samples, self.batch_size))
+        rng = np.random.default_rng(self.seed)
+        before = after = 0.0
+        for block, head in progress.steps(list(zip(blocks, heads)), "block reconstruction", unit="block"):
+            prog = Program(block, self.out)
+            parts = []
+            per_batch = -(-self.windows // len(batches))
+            for batch in batches:
+                x_q, x_f = paired.pair(head, batch)
+                parts.append(sample_windows(block, prog.win, x_q, x_f, per_batch, rng))
+            data = Windows(np.concatenate([p.x_q for p in parts]), np.concatenate([p.x_f for p in parts]),
+                           {k: np.concatenate([p.masks[k] for p in parts]) for k in parts[0].masks})
+            float_weights = {n.name: _float(n) for n in block.layers}
+            fixed, learn = {}, {}
+            for n in block.layers:
+                wq = n.meta[WEIGHT]
+                if wq.q is None:
+                    fixed[n.name] = float_weights[n.name]
+                elif wq.bits >= 8:
+                    fixed[n.name] = (wq.dequantized(), wq.bias.astype(np.float64))
+                else:
+                    s = np.exp2(wq.exps.astype(np.float64)).reshape(-1, 1, 1, 1)
+                    learn[n.name] = Layer(float_weights[n.name][0], s, wq.bits, wq.q.astype(np.float64),
+                                          wq.bias.astype(np.float64))
+            res = reconstruct(prog, data, float_weights, fixed, learn, iters=self.iters, batch=self.batch,
+                              seed=self.seed)
+            before, after = before + res.before, after + res.after
+            logger.debug("block %s..%s: output error %.4g -> %.4g", block.layers[0].name, block.layers[-1].name,
+                         res.before, res.after)
+            for n in block.layers:
+                if n.name in learn:
+                    wq = n.meta[WEIGHT]
+                    wq.q = res.codes[n.name].astype(wq.q.dtype)
+                    wq.bias = np.asarray(res.bias[n.name], np.float64).reshape(-1)
+                    if res.after < res.before:
+                        wq.methods.append("block-recon")
+                if n.meta[WEIGHT].q is not None:
+                    paired.fix(n)
+        logger.info("block reconstruction on %d blocks: summed output error %.4g -> %.4g", len(blocks), before, after)
+        model.graph.meta["ptqc.block_loss"] = (before, after)
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,449 @@
+"""Block reconstruction in numpy: AdaRound over several layers at once, activation quantization in the loop.
+
+A *block* is a run of Conv / Relu / Clip / Add nodes with one input tensor and one output tensor (an inverted
+residual block, a depthwise-pointwise pair).  Layer-wise rounding fits each layer to its own output; here the
+rounding of every low-bit layer in the block is learned against the block's output, so that a layer can
+compensate the rounding of the layers and the activation quantizers before it (BRECQ, with QDrop's random
+dropping of activation quantization).
+
+The block is evaluated on small spatial *windows*, not whole feature maps.  One output window of ``out x out``
+positions depends on a window of each tensor inside the block (the receptive field); positions of a window
+that fall outside the feature map are the convolutions' zero padding, so each computed tensor is multiplied by
+a mask of the positions inside its map.  The window forward is therefore exact: it computes what the whole
+block computes at those output positions, on a small fraction of the work.  Windows are NHWC.
+
+The forward and its gradient (matmuls for dense convolutions, multiply-adds over the taps for depthwise ones,
+straight-through estimates through the activation quantizers) are written out by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqc.adaround import GAMMA, ZETA, _h, _init_v
+from ptqc.annotations import ACT
+from ptqc.passes.emit_qdq import container
+from ptqc.passes.fold_batchnorm import const
+from ptqc.quant import int_range
+
+SUPPORTED = ("Conv", "Relu", "Clip", "Add")
+
+
+@dataclasses.dataclass
+class Conv:
+    name: str
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    depthwise: bool
+
+
+@dataclasses.dataclass
+class Window:
+    """Rows (index 0) and columns (index 1) of a tensor a block needs for an output window at origin o:
+    ``scale * o + offset`` .. ``+ size - 1``."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+
+
+def conv_spec(node: ir.Node) -> Conv | None:
+    """Conv attributes the window engine supports (2-D, no dilation, dense or depthwise), else None."""
+    w = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 4:
+        return None
+    a = node.attributes
+    if a.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or tuple(a.get_ints("dilations", (1, 1))) != (1, 1):
+        return None
+    group = a.get_int("group", 1)
+    depthwise = group > 1 and group == w.shape[0] and w.shape[1] == 1
+    if group > 1 and not depthwise:
+        return None
+    return Conv(node.name, (w.shape[2], w.shape[3]), tuple(a.get_ints("strides", (1, 1))),
+                tuple(a.get_ints("pads", (0, 0, 0, 0))), depthwise)
+
+
+def clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    if node.op_type == "Relu":
+        return 0.0, None
+    lo = const(node.inputs[1]) if len(node.inputs) > 1 else None
+    hi = const(node.inputs[2]) if len(node.inputs) > 2 else None
+    lo = node.attributes.get_float("min", None) if lo is None else float(lo)
+    hi = node.attributes.get_float("max", None) if hi is None else float(hi)
+    return lo, hi
+
+
+def quantizer(value: ir.Value) -> tuple[float, float, float] | None:
+    """(step, lo, hi) of a planned activation, in float, exactly as the emitted QDQ graph computes it."""
+    act = value.meta.get(ACT)
+    if act is None or act.exp is None:
+        return None
+    zp, lo, hi = container(act)
+    s = 2.0**act.exp
+    return s, (lo - zp) * s, (hi - zp) * s
+
+
+class Block:
+    """A single-input, single-output run of Conv/Relu/Clip/Add nodes, in topological order."""
+
+    def __init__(self, nodes: list[ir.Node]):
+        self.nodes = nodes
+        produced = {v.name for n in nodes for v in n.outputs}
+        inputs = {n.inputs[0].name for n in nodes if n.op_type in ("Conv", "Relu", "Clip")}
+        inputs |= {v.name for n in nodes if n.op_type == "Add" for v in n.inputs}
+        external = sorted(inputs - produced)
+        if len(external) != 1:
+            raise ValueError(f"a block needs one input tensor, got {external}")
+        self.input = external[0]
+        value = next(v for n in nodes for v in n.inputs if v is not None and v.name == self.input)
+        if quantizer(value) is None:
+            raise ValueError(f"the block input {self.input} is not a quantized activation")
+        self.output = nodes[-1].outputs[0].name
+        self.convs = {n.name: conv_spec(n) for n in nodes if n.op_type == "Conv"}
+        if any(c is None for c in self.convs.values()):
+            raise ValueError("unsupported Conv in block")
+        self.layers = [n for n in nodes if n.op_type == "Conv"]
+        self.quant = {v.name: quantizer(v) for n in nodes for v in n.outputs if quantizer(v) is not None}
+        self.bounds = {n.name: clip_bounds(n) for n in nodes if n.op_type in ("Relu", "Clip")}
+
+    # --- geometry -------------------------------------------------------------------------------------
+    def plan(self, out: int) -> dict[str, Window]:
+        """The window of every tensor for an ``out x out`` output window (origin o = 0 at scale 1)."""
+        win = {self.output: Window(np.ones(2, int), np.zeros(2, int), np.full(2, out))}
+        for node in reversed(self.nodes):
+            w_out = win[node.outputs[0].name]
+            if node.op_type == "Conv":
+                c = self.convs[node.name]
+                s, k, p = np.array(c.strides), np.array(c.kernel), np.array(c.pads[:2])
+                needs = [(node.inputs[0].name, Window(w_out.scale * s, w_out.offset * s - p, (w_out.size - 1) * s + k))]
+            else:
+                data = node.inputs if node.op_type == "Add" else node.inputs[:1]
+                needs = [(v.name, w_out) for v in data]
+            for name, w in needs:
+                have = win.get(name)
+                if have is None:
+                    win[name] = Window(w.scale.copy(), w.offset.copy(), w.size.copy())
+                    continue
+                if not np.array_equal(have.scale, w.scale):
+                    raise ValueError(f"{name}: consumers at different strides")
+                lo = np.minimum(have.offset, w.offset)
+                hi = np.maximum(have.offset + have.size, w.offset + w.size)
+                win[name] = Window(have.scale, lo, hi - lo)
+        return win
+
+    def map_sizes(self, in_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+        sizes = {self.input: np.array(in_hw)}
+        for node in self.nodes:
+            x = sizes[node.inputs[0].name]
+            if node.op_type == "Conv":
+                c = self.convs[node.name]
+                p = np.array(c.pads[:2]) + np.array(c.pads[2:])
+                x = (x + p - np.array(c.kernel)) // np.array(c.strides) + 1
+            sizes[node.outputs[0].name] = x
+        return sizes
+
+
+@dataclasses.dataclass
+class Windows:
+    """Sampled windows of one block: its input (quantized and float model), and masks of every tensor."""
+
+    x_q: np.ndarray  # (n, h, w, c) float32
+    x_f: np.ndarray
+    masks: dict[str, np.ndarray]  # (n, h, w, 1) float32, 1 inside the feature map
+
+    def take(self, idx: np.ndarray) -> Windows:
+        return Windows(self.x_q[idx], self.x_f[idx], {k: m[idx] for k, m in self.masks.items()})
+
+
+def sample_windows(block: Block, win: dict[str, Window], x_q: np.ndarray, x_f: np.ndarray, count: int,
+                   rng: np.random.Generator) -> Windows:
+    """``count`` random output windows over a batch of NCHW block inputs (quantized and float)."""
+    sizes = block.map_sizes(x_q.shape[2:])
+    out = win[block.output]
+    top = np.maximum(sizes[block.output] - out.size, 0)
+    img = rng.integers(0, x_q.shape[0], size=count)
+    oy = rng.integers(0, top[0] + 1, size=count)
+    ox = rng.integers(0, top[1] + 1, size=count)
+    w_in = win[block.input]
+    pad = int(max(0, -w_in.offset.min(), (w_in.offset + w_in.size).max()))  # generous: origins start inside
+    pq = np.pad(x_q, ((0, 0), (0, 0), (pad, pad + w_in.size[0]), (pad, pad + w_in.size[1])))
+    pf = np.pad(x_f, ((0, 0), (0, 0), (pad, pad + w_in.size[0]), (pad, pad + w_in.size[1])))
+    r0 = w_in.scale[0] * oy + w_in.offset[0] + pad
+    c0 = w_in.scale[1] * ox + w_in.offset[1] + pad
+    ry = r0[:, None] + np.arange(w_in.size[0])[None]
+    cx = c0[:, None] + np.arange(w_in.size[1])[None]
+    # advanced indices around a slice: numpy puts the indexed dims first -> (n, h, w, c)
+    wq = pq[img[:, None, None], :, ry[:, :, None], cx[:, None, :]]
+    wf = pf[img[:, None, None], :, ry[:, :, None], cx[:, None, :]]
+    masks = {}
+    for name, w in win.items():
+        if name == block.input:
+            continue
+        rows = w.scale[0] * oy[:, None] + w.offset[0] + np.arange(w.size[0])[None]
+        cols = w.scale[1] * ox[:, None] + w.offset[1] + np.arange(w.size[1])[None]
+        inside_r = (rows >= 0) & (rows < sizes[name][0])
+        inside_c = (cols >= 0) & (cols < sizes[name][1])
+        masks[name] = (inside_r[:, :, None] & inside_c[:, None, :])[..., None].astype(np.float32)
+    return Windows(np.ascontiguousarray(wq, np.float32), np.ascontiguousarray(wf, np.float32), masks)
+
+
+# --- forward and backward ----------------------------------------------------------------------------
+def _taps(x: np.ndarray, c: Conv, out_hw) -> list[tuple[int, int, np.ndarray]]:
+    sh, sw = c.strides
+    ho, wo = out_hw
+    return [(ky, kx, x[:, ky : ky + (ho - 1) * sh + 1 : sh, kx : kx + (wo - 1) * sw + 1 : sw])
+            for ky in range(c.kernel[0]) for kx in range(c.kernel[1])]
+
+
+def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, c: Conv, out_hw) -> np.ndarray:
+    """NHWC window convolution without padding; w in ONNX layout (O, I/g, kh, kw)."""
+    taps = _taps(x, c, out_hw)
+    dt = x.dtype
+    if c.depthwise:
+        y = np.zeros(taps[0][2].shape, dt)
+        for ky, kx, t in taps:
+            y += t * w[:, 0, ky, kx].astype(dt)
+        return y + b.astype(dt)
+    cols = taps[0][2] if len(taps) == 1 else np.concatenate([t for _, _, t in taps], axis=-1)
+    wmat = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).astype(dt)
+    return cols @ wmat.T + b.astype(dt)
+
+
+def conv_backward(g: np.ndarray, x: np.ndarray, w: np.ndarray, c: Conv, need_dx: bool):
+    """Gradients in the weights (ONNX layout), the bias and (if asked) the input window."""
+    out_hw = g.shape[1:3]
+    taps = _taps(x, c, out_hw)
+    sh, sw = c.strides
+    ho, wo = out_hw
+    dx = np.zeros_like(x) if need_dx else None
+    dw = np.zeros(w.shape, np.float64)
+    if c.depthwise:
+        for ky, kx, t in taps:
+            dw[:, 0, ky, kx] = np.einsum("nhwc,nhwc->c", g, t, optimize=False)
+            if need_dx:
+                dx[:, ky : ky + (ho - 1) * sh + 1 : sh, kx : kx + (wo - 1) * sw + 1 : sw] += g * w[:, 0, ky, kx].astype(x.dtype)
+    else:
+        cin = x.shape[-1]
+        cols = taps[0][2] if len(taps) == 1 else np.concatenate([t for _, _, t in taps], axis=-1)
+        g2 = g.reshape(-1, g.shape[-1])
+        dmat = g2.T @ cols.reshape(-1, cols.shape[-1])
+        dw[:] = dmat.reshape(w.shape[0], c.kernel[0], c.kernel[1], cin).transpose(0, 3, 1, 2)
+        if need_dx:
+            wmat = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).astype(x.dtype)
+            dcols = (g2 @ wmat).reshape(g.shape[:3] + (-1,))
+            for i, (ky, kx, _) in enumerate(taps):
+                dx[:, ky : ky + (ho - 1) * sh + 1 : sh, kx : kx + (wo - 1) * sw + 1 : sw] += dcols[..., i * cin : (i + 1) * cin]
+    db = g.sum(axis=(0, 1, 2)).astype(np.float64)
+    return dw, db, dx
+
+
+def _crop(x: np.ndarray, have: Window, need: Window) -> np.ndarray:
+    d = need.offset - have.offset
+    return x[:, d[0] : d[0] + need.size[0], d[1] : d[1] + need.size[1]]
+
+
+class Program:
+    """A block's window forward and backward, with each layer's weights given as arrays."""
+
+    def __init__(self, block: Block, out: int):
+        self.block = block
+        self.win = block.plan(out)
+        self.need: dict[str, dict[str, Window]] = {}  # node -> input name -> window it reads
+        for node in block.nodes:
+            w_out = self.win[node.outputs[0].name]
+            if node.op_type == "Conv":
+                c = block.convs[node.name]
+                s, k, p = np.array(c.strides), np.array(c.kernel), np.array(c.pads[:2])
+                self.need[node.name] = {node.inputs[0].name: Window(w_out.scale * s, w_out.offset * s - p,
+                                                                    (w_out.size - 1) * s + k)}
+            else:
+                data = node.inputs if node.op_type == "Add" else node.inputs[:1]
+                self.need[node.name] = {v.name: w_out for v in data}
+
+    def forward(self, x: np.ndarray, masks: dict[str, np.ndarray], weights: dict[str, tuple[np.ndarray, np.ndarray]],
+                quantize: bool, drop: float = 0.0, rng: np.random.Generator | None = None):
+        """Output window, and the tape for :meth:`backward`.  ``drop`` is QDrop's chance that an element of an
+        inner activation skips its quantizer."""
+        vals = {self.block.input: x}
+        tape = {}
+        for node in self.block.nodes:
+            ins = [_crop(vals[name], self.win[name], w) for name, w in self.need[node.name].items()]
+            out = node.outputs[0].name
+            if node.op_type == "Conv":
+                w, b = weights[node.name]
+                y = conv_forward(ins[0], w, b, self.block.convs[node.name], self.win[out].size)
+            elif node.op_type == "Add":
+                y = ins[0] + (ins[1] if len(ins) > 1 else ins[0])
+            else:
+                lo, hi = self.block.bounds[node.name]
+                pass_mask = np.ones(ins[0].shape, bool)
+                if lo is not None:
+                    pass_mask &= ins[0] > lo
+                if hi is not None:
+                    pass_mask &= ins[0] < hi
+                y = np.clip(ins[0], lo, hi)
+                tape[node.name] = pass_mask
+            q = self.block.quant.get(out) if quantize and out != self.block.output else None
+            if q is not None:
+                s, lo, hi = q
+                tape[out + "/ste"] = (y >= lo) & (y <= hi)
+                yq = np.clip(np.round(y / s) * s, lo, hi).astype(y.dtype)
+                if drop > 0:
+                    keep = np.frombuffer(rng.bytes(y.size), np.uint8).reshape(y.shape) < int(round(256 * drop))
+                    yq = np.where(keep, y, yq)
+                y = yq
+            if out in masks:
+                y = y * masks[out]
+            vals[out] = y
+        return vals[self.block.output], (vals, tape)
+
+    def backward(self, grad: np.ndarray, state, masks, weights) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Gradients of every Conv's weights and bias, given the gradient at the output window."""
+        vals, tape = state
+        grads = {self.block.output: grad}
+        out_grads = {}
+        for node in reversed(self.block.nodes):
+            out = node.outputs[0].name
+            g = grads.pop(out, None)
+            if g is None:
+                continue
+            if out in masks:
+                g = g * masks[out]
+            ste = tape.get(out + "/ste")
+            if ste is not None:
+                g = g * ste
+            needs = self.need[node.name]
+            if node.op_type == "Conv":
+                name = next(iter(needs))
+                x = _crop(vals[name], self.win[name], needs[name])
+                w, _ = weights[node.name]
+                need_dx = name != self.block.input
+                dw, db, dx = conv_backward(g, x, w, self.block.convs[node.name], need_dx)
+                out_grads[node.name] = (dw, db)
+                parts = [(name, dx)] if need_dx else []
+            elif node.op_type == "Add":
+                parts = [(name, g) for name in needs if name != self.block.input]
+            else:
+                name = next(iter(needs))
+                parts = [] if name == self.block.input else [(name, g * tape[node.name])]
+            for name, gi in parts:
+                full = grads.get(name)
+                if full is None:
+                    full = grads[name] = np.zeros(vals[name].shape, vals[name].dtype)
+                d = needs[name].offset - self.win[name].offset
+                full[:, d[0] : d[0] + gi.shape[1], d[1] : d[1] + gi.shape[2]] += gi
+        return out_grads
+
+
+@dataclasses.dataclass
+class Layer:
+    """One low-bit Conv whose rounding is learned: ``W~ = s * clip(base + h(V), qmin, qmax)``."""
+
+    w: np.ndarray  # float weights (O, I, kh, kw), float64
+    s: np.ndarray  # (O, 1, 1, 1)
+    bits: int
+    codes: np.ndarray  # starting integer codes
+    bias: np.ndarray  # starting bias (O,)
+
+
+@dataclasses.dataclass
+class Result:
+    codes: dict[str, np.ndarray]
+    bias: dict[str, np.ndarray]
+    before: float
+    after: float
+
+
+def _loss(prog: Program, data: Windows, weights, target: np.ndarray, lo, hi, chunk: int = 512) -> float:
+    total = 0.0
+    for i in range(0, data.x_q.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        y, _ = prog.forward(data.x_q[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=True)
+        total += float(np.sum((np.clip(y, lo, hi) - target[sl]).astype(np.float64) ** 2))
+    return total / target.size
+
+
+def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.ndarray, np.ndarray]],
+                fixed: dict[str, tuple[np.ndarray, np.ndarray]], learn: dict[str, Layer], iters: int = 300,
+                batch: int = 128, lr: float = 3e-2, drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2,
+                seed: int = 0) -> Result:
+    """Learn the rounding and bias of the ``learn`` layers so that the block's output on quantized (QDrop-mixed)
+    input matches the float block's output on float input.  ``fixed`` layers keep their quantized weights.
+    The result is never worse, on the quantized windows without dropping, than the starting codes."""
+    rng = np.random.default_rng(seed)
+    out_q = prog.block.quant.get(prog.block.output)
+    lo, hi = (out_q[1], out_q[2]) if out_q is not None else (None, None)
+    target = np.concatenate([
+        prog.forward(data.x_f[i : i + 512], {k: m[i : i + 512] for k, m in data.masks.items()}, float_weights, quantize=False)[0]
+        for i in range(0, data.x_f.shape[0], 512)])
+    target = np.clip(target, lo, hi)
+    scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)
+    state = {}
+    for name, layer in learn.items():
+        qmin, qmax = int_range(layer.bits, True)
+        base = np.floor(layer.w / layer.s)
+        inside = (layer.codes == base) | (layer.codes == base + 1)
+        frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - base)
+        state[name] = dict(v=_init_v(frac), base=base, b=layer.bias.astype(np.float64).copy(), qmin=qmin, qmax=qmax,
+                           m=[0.0, 0.0, 0.0, 0.0],
+                           b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1)
+
+    def hard(name) -> tuple[np.ndarray, np.ndarray]:
+        st = state[name]
+        return np.clip(st["base"] + (_h(st["v"]) >= 0.5), st["qmin"], st["qmax"]), st["b"]
+
+    start = {**fixed, **{n: (l.s * np.clip(l.codes, *int_range(l.bits, True)), l.bias) for n, l in learn.items()}}
+    before = _loss(prog, data, start, target, lo, hi)
+    n = data.x_q.shape[0]
+    count = max(1, int(warmup * iters))
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for it in range(iters):
+        idx = rng.integers(0, n, size=min(batch, n))
+        sub = data.take(idx)
+        pick = np.frombuffer(rng.bytes(sub.x_q.size), np.uint8).reshape(sub.x_q.shape) < 128
+        x = np.where(pick, sub.x_q, sub.x_f)
+        weights = dict(fixed)
+        soft = {}
+        for name, st in state.items():
+            sig = 1.0 / (1.0 + np.exp(-st["v"]))
+            h_raw = sig * (ZETA - GAMMA) + GAMMA
+            q_soft = st["base"] + np.clip(h_raw, 0.0, 1.0)
+            soft[name] = (sig, h_raw, q_soft)
+            weights[name] = (learn[name].s * np.clip(q_soft, st["qmin"], st["qmax"]), st["b"])
+        y, tape = prog.forward(x, sub.masks, weights, quantize=True, drop=drop, rng=rng)
+        t = target[idx]
+        diff = np.clip(y, lo, hi) - t
+        g = (2.0 / (diff.size * scale)) * diff
+        if lo is not None:
+            g = g * (y > lo)
+        if hi is not None:
+            g = g * (y < hi)
+        grads = prog.backward(g.astype(np.float32), tape, sub.masks, weights)
+        beta = 20.0 + (2.0 - 20.0) * (it - count) / max(1, iters - count)
+        k = it + 1
+        for name, st in state.items():
+            sig, h_raw, q_soft = soft[name]
+            dw, db = grads[name]
+            dh = (ZETA - GAMMA) * sig * (1 - sig) * ((h_raw > 0) & (h_raw < 1))
+            gv = dw * learn[name].s * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
+            if it >= count:
+                h = np.clip(h_raw, 0.0, 1.0)
+                tt = 2 * h - 1
+                gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / h.size * dh
+            m = st["m"]
+            m[0] = beta1 * m[0] + (1 - beta1) * gv
+            m[1] = beta2 * m[1] + (1 - beta2) * gv**2
+            st["v"] -= lr * (m[0] / (1 - beta1**k)) / (np.sqrt(m[1] / (1 - beta2**k)) + eps)
+            m[2] = beta1 * m[2] + (1 - beta1) * db
+            m[3] = beta2 * m[3] + (1 - beta2) * db**2
+            st["b"] -= st["b_lr"] * (m[2] / (1 - beta1**k)) / (np.sqrt(m[3] / (1 - beta2**k)) + eps)
+    final = {name: hard(name) for name in learn}
+    end = {**fixed, **{n: (learn[n].s * c, b) for n, (c, b) in final.items()}}
+    after = _loss(prog, data, end, target, lo, hi)
+    if after > before:
+        return Result({n: l.codes for n, l in learn.items()}, {n: l.bias for n, l in learn.items()}, before, before)
+    return Result({n: c for n, (c, _) in final.items()}, {n: b for n, (_, b) in final.items()}, before, after)

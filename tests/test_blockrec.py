@@ -1,0 +1,111 @@
+"""Block reconstruction: the window engine against onnxruntime, its gradient, and the pass's objective."""
+
+import numpy as np
+import pytest
+
+import ptqc
+from graphs import inputs, mobilenet_like, strided_residual
+from ptqc import loader, runtime, simulate
+from ptqc.annotations import WEIGHT
+from ptqc.blockrec import Program, sample_windows
+from ptqc.data import ArrayData
+from ptqc.passes.reconstruct_blocks import _float, find_blocks
+from ptqc.pipeline import build_passes
+
+
+def _planned(model, cfg, x):
+    """The IR after every pass up to (not including) block reconstruction, legalisation and emission."""
+    irm = loader.load(model)
+    for p in build_passes(cfg, ArrayData(x)):
+        if type(p).__name__ in ("ReconstructBlocksPass", "LegalizeScalesPass", "EmitQdqPass"):
+            break
+        p(irm)
+    return irm
+
+
+def test_blocks_are_the_residual_and_separable_runs():
+    irm = _planned(mobilenet_like(), ptqc.QuantConfig(weight_bits=4, act_bits=4, adaround=False), inputs(8))
+    blocks = find_blocks(irm.graph)
+    assert [[n.op_type for n in b.nodes] for b in blocks] == [
+        ["Conv", "Clip", "Conv", "Clip", "Conv", "Add"], ["Conv", "Clip"], ["Conv"]]
+    assert blocks[0].input == irm.graph.inputs[0].name
+
+
+@pytest.mark.parametrize("make,size", [(mobilenet_like, 16), (strided_residual, 15)])
+@pytest.mark.parametrize("out", [1, 2, 3])
+def test_window_forward_equals_the_simulated_model_bit_for_bit(make, size, out):
+    x = inputs(8, size=size, seed=4)
+    irm = _planned(make(), ptqc.QuantConfig(weight_bits=4, act_bits=4, adaround=False), x)
+    blocks = find_blocks(irm.graph)
+    assert len(blocks) >= 2
+    sim = simulate.build(irm, extra_outputs=[f"{b.input}__sim" for b in blocks] + [b.output for b in blocks])
+    sess = runtime.make_session(sim.proto)
+    for block in blocks:
+        prog = Program(block, out)
+        xin, ref = runtime.run(sess, {"input": x}, [f"{block.input}__sim", block.output])
+        rng = np.random.default_rng(0)
+        wins = sample_windows(block, prog.win, xin, xin, 64, rng)
+        weights = {n.name: (n.meta[WEIGHT].dequantized(), n.meta[WEIGHT].bias) for n in block.layers}
+        y, _ = prog.forward(wins.x_q, wins.masks, weights, quantize=True)
+        # the same draws pick the reference windows out of the whole output map
+        rng = np.random.default_rng(0)
+        top = np.maximum(block.map_sizes(xin.shape[2:])[block.output] - out, 0)
+        img = rng.integers(0, xin.shape[0], size=64)
+        oy, ox = rng.integers(0, top[0] + 1, size=64), rng.integers(0, top[1] + 1, size=64)
+        want = np.stack([ref[i, :, a : a + out, c : c + out].transpose(1, 2, 0) for i, a, c in zip(img, oy, ox)])
+        # a window larger than the map (the 1x1 map after pooling) is zero outside it
+        h, w = want.shape[1:3]
+        assert not np.any(y[:, h:]) and not np.any(y[:, :, w:])
+        np.testing.assert_allclose(y[:, :h, :w], want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def test_block_gradient_matches_finite_differences():
+    x = inputs(8, size=15, seed=5)
+    irm = _planned(strided_residual(), ptqc.QuantConfig(weight_bits=4, act_bits=4, adaround=False), x)
+    block = find_blocks(irm.graph)[-1]  # the residual block: 1x1, 5x5 depthwise, 1x1, Add
+    prog = Program(block, 2)
+    xin = np.random.default_rng(6).normal(0, 1, (4, 8, 7, 7))
+    wins = sample_windows(block, prog.win, xin, xin, 16, np.random.default_rng(7))
+    weights = {n.name: _float(n) for n in block.layers}
+    x64 = wins.x_f.astype(np.float64)
+    y, tape = prog.forward(x64, wins.masks, weights, quantize=False)
+    g = np.random.default_rng(8).normal(size=y.shape)
+    grads = prog.backward(g, tape, wins.masks, weights)
+    rng = np.random.default_rng(9)
+    for node in block.layers:
+        w, b = weights[node.name]
+        for _ in range(3):
+            idx = tuple(rng.integers(0, s) for s in w.shape)
+            w2 = w.copy()
+            w2[idx] += 1e-6
+            y2, _ = prog.forward(x64, wins.masks, {**weights, node.name: (w2, b)}, quantize=False)
+            assert grads[node.name][0][idx] == pytest.approx(np.sum(g * (y2 - y)) / 1e-6, rel=1e-3, abs=1e-6)
+        b2 = b.copy()
+        b2[0] += 1e-6
+        y2, _ = prog.forward(x64, wins.masks, {**weights, node.name: (w, b2)}, quantize=False)
+        assert grads[node.name][1][0] == pytest.approx(np.sum(g * (y2 - y)) / 1e-6, rel=1e-3, abs=1e-6)
+
+
+def test_block_reconstruction_lowers_the_block_output_error_and_keeps_shift_only_scales():
+    from ptqc.inspect import inspect_model
+    from ptqc.writer import to_proto
+
+    irm = loader.load(mobilenet_like())
+    cfg = ptqc.QuantConfig(weight_bits=4, act_bits=4, calib_size=32, adaround=False, block_recon=True,
+                           block_iters=200, block_samples=32)
+    passes = build_passes(cfg, ArrayData(inputs(32, seed=21)))
+    split = next(i for i, p in enumerate(passes) if type(p).__name__ == "ReconstructBlocksPass") + 1
+    for p in passes[:split]:
+        p(irm)
+    before, after = irm.graph.meta["ptqc.block_loss"]
+    assert after < 0.99 * before  # measured 0.979 (from GPTQ codes; the toy is dominated by 4-bit activations)
+    changed = [n for n in irm.graph if WEIGHT in n.meta and "block-recon" in n.meta[WEIGHT].methods]
+    assert changed
+    for n in changed:  # every code stays at the floor or the ceiling of W / s
+        wq = n.meta[WEIGHT]
+        qmin, qmax = -(2 ** (wq.bits - 1)), 2 ** (wq.bits - 1) - 1
+        ratio = _float(n)[0] / np.exp2(wq.exps.astype(np.float64)).reshape(-1, 1, 1, 1)
+        assert np.all((wq.q == np.clip(np.floor(ratio), qmin, qmax)) | (wq.q == np.clip(np.floor(ratio) + 1, qmin, qmax)))
+    for p in passes[split:]:
+        p(irm)
+    assert inspect_model(to_proto(irm)).ok
