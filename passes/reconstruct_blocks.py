@@ -33,6 +33,8 @@ from ptqc.passes.fold_batchnorm import const
 
 logger = logging.getLogger(__name__)
 
+WINDOWS_PER_IMAGE = 128
+
 
 def _segments(graph: ir.Graph) -> list[list[ir.Node]]:
     """The graph's nodes split at every tensor that is, at that point of the topological order, the only one
@@ -112,12 +114,17 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        blocks = [b for b in find_blocks(graph)
-                  if any(n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8 for n in b.layers)]
+        # a block is read through one of its layers that takes the block input directly (the simulation
+        # exposes layer inputs); a block whose input only reaches a Relu/Clip or an Add first is left alone
+        blocks, heads = [], []
+        for b in find_blocks(graph):
+            head = next((n for n in b.layers if n.inputs[0].name == b.input), None)
+            if head is not None and any(n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8 for n in b.layers):
+                blocks.append(b)
+                heads.append(head)
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
-        heads = [next(n for n in b.layers if n.inputs[0].name == b.input) for b in blocks]
         paired = simulate.LayerInputs(model, heads, quantized, quantized=True)
         batches = list(self.data.head(self.samples, self.batch_size))
         rng = np.random.default_rng(self.seed)
@@ -125,10 +132,12 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
         for block, head in progress.steps(list(zip(blocks, heads)), "block reconstruction", unit="block"):
             prog = Program(block, self.out)
             parts = []
+            # at most WINDOWS_PER_IMAGE from one image: its windows overlap, so more add little
             per_batch = -(-self.windows // len(batches))
             for batch in batches:
                 x_q, x_f = paired.pair(head, batch)
-                parts.append(sample_windows(block, prog.win, x_q, x_f, per_batch, rng))
+                parts.append(sample_windows(block, prog.win, x_q, x_f,
+                                            min(per_batch, WINDOWS_PER_IMAGE * len(batch)), rng))
             data = Windows(np.concatenate([p.x_q for p in parts]), np.concatenate([p.x_f for p in parts]),
                            {k: np.concatenate([p.masks[k] for p in parts]) for k in parts[0].masks})
             float_weights = {n.name: _float(n) for n in block.layers}
