@@ -36,10 +36,16 @@ logger = logging.getLogger(__name__)
 WINDOWS_PER_IMAGE = 128
 
 
+def _shape_only(node: ir.Node) -> bool:
+    """A node computing integer shape data (Shape, and Gather/Unsqueeze/Concat on its output): not a data path."""
+    return bool(node.outputs) and all(o.dtype is not None and not o.dtype.is_floating_point() for o in node.outputs)
+
+
 def _segments(graph: ir.Graph) -> list[list[ir.Node]]:
-    """The graph's nodes split at every tensor that is, at that point of the topological order, the only one
-    still to be read (a cut every path goes through)."""
-    nodes = list(graph)
+    """The graph's nodes split at every tensor that is, at that point of the topological order, the only float
+    tensor still to be read (a cut every data path goes through).  Shape computations are left out: a dynamic
+    batch Reshape at the end would otherwise keep a Shape of the input live through the whole network."""
+    nodes = [n for n in graph if not _shape_only(n)]
     pos = {id(n): i for i, n in enumerate(nodes)}
     outputs = {v.name for v in graph.outputs}
     last: dict[str, int] = {}

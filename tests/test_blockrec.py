@@ -1,6 +1,7 @@
 """Block reconstruction: the window engine against onnxruntime, its gradient, and the pass's objective."""
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import ptqc
@@ -9,7 +10,7 @@ from ptqc import loader, runtime, simulate
 from ptqc.annotations import WEIGHT
 from ptqc.blockrec import Program, sample_windows
 from ptqc.data import ArrayData
-from ptqc.passes.reconstruct_blocks import _float, find_blocks
+from ptqc.passes.reconstruct_blocks import _float, _segments, find_blocks
 from ptqc.pipeline import build_passes
 
 
@@ -109,3 +110,31 @@ def test_block_reconstruction_lowers_the_block_output_error_and_keeps_shift_only
     for p in passes[split:]:
         p(irm)
     assert inspect_model(to_proto(irm)).ok
+
+
+def test_a_shape_computation_kept_alive_to_the_end_does_not_hide_the_cuts():
+    """A dynamic-batch Reshape (Shape of the input -> Gather -> Concat -> Reshape), as exported EfficientNets
+    have, keeps integer shape data live through the whole graph; the blocks are still found."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = mobilenet_like()
+    g = model.graph
+    logits = g.output[0].name
+    g.node[-1].output[0] = "flat"
+    g.initializer.extend([helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                          helper.make_tensor("minus1", TensorProto.INT64, [1], [-1])])
+    shape_nodes = [helper.make_node("Shape", ["input"], ["in_shape"], name="Shape_0"),
+                   helper.make_node("Gather", ["in_shape", "zero"], ["batch"], axis=0, name="Gather_0")]
+    tail = [helper.make_node("Concat", ["batch", "minus1"], ["target"], axis=0, name="Concat_0"),
+            helper.make_node("Reshape", ["flat", "target"], [logits], name="Reshape_0")]
+    nodes = shape_nodes + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    graph = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(model)).graph
+    segments = [[n.op_type for n in seg] for seg in _segments(graph)]
+    # a cut after every single live float tensor (inside the residual block, two are live); the integer shape
+    # nodes are left out
+    assert segments == [["Conv"], ["Clip"], ["Conv", "Clip", "Conv", "Add"], ["Conv"], ["Clip"], ["GlobalAveragePool"],
+                        ["Conv"], ["Flatten"], ["Reshape"]]
