@@ -107,7 +107,7 @@ class Block:
         if any(c is None for c in self.convs.values()):
             raise ValueError("unsupported Conv in block")
         self.layers = [n for n in nodes if n.op_type == "Conv"]
-        self.quant = {v.name: quantizer(v) for n in nodes for v in n.outputs if quantizer(v) is not None}
+        self.quant = {v.name: q for n in nodes for v in n.outputs if (q := quantizer(v)) is not None}
         self.bounds = {n.name: clip_bounds(n) for n in nodes if n.op_type in ("Relu", "Clip")}
 
     # --- geometry -------------------------------------------------------------------------------------
@@ -115,15 +115,7 @@ class Block:
         """The window of every tensor for an ``out x out`` output window (origin o = 0 at scale 1)."""
         win = {self.output: Window(np.ones(2, int), np.zeros(2, int), np.full(2, out))}
         for node in reversed(self.nodes):
-            w_out = win[node.outputs[0].name]
-            if node.op_type == "Conv":
-                c = self.convs[node.name]
-                s, k, p = np.array(c.strides), np.array(c.kernel), np.array(c.pads[:2])
-                needs = [(node.inputs[0].name, Window(w_out.scale * s, w_out.offset * s - p, (w_out.size - 1) * s + k))]
-            else:
-                data = node.inputs if node.op_type == "Add" else node.inputs[:1]
-                needs = [(v.name, w_out) for v in data]
-            for name, w in needs:
+            for name, w in self.needs(node, win[node.outputs[0].name]).items():
                 have = win.get(name)
                 if have is None:
                     win[name] = Window(w.scale.copy(), w.offset.copy(), w.size.copy())
@@ -134,6 +126,15 @@ class Block:
                 hi = np.maximum(have.offset + have.size, w.offset + w.size)
                 win[name] = Window(have.scale, lo, hi - lo)
         return win
+
+    def needs(self, node: ir.Node, w_out: Window) -> dict[str, Window]:
+        """The window of each data input that ``node`` reads to produce ``w_out``."""
+        if node.op_type == "Conv":
+            c = self.convs[node.name]
+            s, k, p = np.array(c.strides), np.array(c.kernel), np.array(c.pads[:2])
+            return {node.inputs[0].name: Window(w_out.scale * s, w_out.offset * s - p, (w_out.size - 1) * s + k)}
+        data = node.inputs if node.op_type == "Add" else node.inputs[:1]
+        return {v.name: w_out for v in data}
 
     def map_sizes(self, in_hw: tuple[int, int]) -> dict[str, np.ndarray]:
         sizes = {self.input: np.array(in_hw)}
@@ -252,17 +253,8 @@ class Program:
     def __init__(self, block: Block, out: int):
         self.block = block
         self.win = block.plan(out)
-        self.need: dict[str, dict[str, Window]] = {}  # node -> input name -> window it reads
-        for node in block.nodes:
-            w_out = self.win[node.outputs[0].name]
-            if node.op_type == "Conv":
-                c = block.convs[node.name]
-                s, k, p = np.array(c.strides), np.array(c.kernel), np.array(c.pads[:2])
-                self.need[node.name] = {node.inputs[0].name: Window(w_out.scale * s, w_out.offset * s - p,
-                                                                    (w_out.size - 1) * s + k)}
-            else:
-                data = node.inputs if node.op_type == "Add" else node.inputs[:1]
-                self.need[node.name] = {v.name: w_out for v in data}
+        # node -> input name -> window it reads
+        self.need = {node.name: block.needs(node, self.win[node.outputs[0].name]) for node in block.nodes}
 
     def forward(self, x: np.ndarray, masks: dict[str, np.ndarray], weights: dict[str, tuple[np.ndarray, np.ndarray]],
                 quantize: bool, drop: float = 0.0, rng: np.random.Generator | None = None):
