@@ -15,7 +15,9 @@ Guarantees after the pass:
 * Values that must share one exponent (inputs and output of MaxPool, Flatten, Reshape, Concat, ...) carry
   the same group id.
 * With the first/last-layer policy, the first layer's weights and input and the last layer's weights and
-  input are 8-bit.
+  input are 8-bit, and so is the tensor a pooling (through shape-only ops) turns into the last layer's input:
+  the academic convention puts that quantizer on the last conv's output, before the pooling.
+* A layer output that only Adds read (the branch of a residual sum) has ``max(act_bits, residual_bits)`` bits.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 _SHARES_SCALE = PASSTHROUGH_OPS + ("Pad",)
+_POOLS = ("GlobalAveragePool", "AveragePool", "ReduceSum", "ReduceMean")
 _KEEPS_SIGN = _SHARES_SCALE + ("Concat", "ReduceSum", "GlobalAveragePool", "AveragePool", "Add")
 
 
@@ -184,6 +187,9 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
 
         first, last = self._first_last(graph, nodes, {**weighted, **dict.fromkeys(kept_float, 0)})
         bits_of: dict[ir.Value, int] = {v: self.config.act_bits for v in planned}
+        residual = [v for v in planned if v.producer() in weighted and all(u.node.op_type == "Add" for u in v.uses())]
+        for v in residual:
+            bits_of[v] = max(self.config.act_bits, self.config.residual_bits)
         unknown = sorted(set(self.config.layer_bits) - {n.name for n in weighted})
         if unknown:
             raise PtqcError(f"no quantizable layer named {unknown[0]!r}; `ptqc inspect` on a compiled model, or "
@@ -197,6 +203,10 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 data = node.inputs[0]
                 if data in bits_of:
                     bits_of[data] = 8
+                if role == "last":
+                    for v in self._pooled_into(data):
+                        if v in bits_of:
+                            bits_of[v] = 8
             if node.name in self.config.layer_bits:
                 bits, a_bits = layer_widths(self.config.layer_bits[node.name])
                 data = node.inputs[0]
@@ -246,8 +256,8 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 act.fused, act.clip_lo, act.clip_hi = fused_post[v]
             v.meta[ACT] = act
         logger.info(
-            "planned %d activation quantizers (%d fused activations) and %d weighted layers",
-            len(planned), len(fused_post), len(weighted),
+            "planned %d activation quantizers (%d fused activations, %d residual branches) and %d weighted layers",
+            len(planned), len(fused_post), len(residual), len(weighted),
         )
         return ir.passes.PassResult(model, modified=True)
 
@@ -261,6 +271,16 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
             u.node.op_type in PASSTHROUGH_OPS and u.idx == 0 and PlanQuantizationPass._feeds_only_outputs(graph, u.node.outputs[0])
             for u in uses
         )
+
+    @staticmethod
+    def _pooled_into(v: ir.Value | None) -> list[ir.Value]:
+        """The tensors ``v`` is computed from through pooling and shape-only ops (the last conv's output that a
+        global pooling feeds into the classifier)."""
+        out = []
+        while v is not None and v.producer() is not None and v.producer().op_type in _POOLS + PASSTHROUGH_OPS:
+            v = v.producer().inputs[0]
+            out.append(v)
+        return out
 
     @staticmethod
     def _bias(node: ir.Node, axis: int) -> np.ndarray:

@@ -123,6 +123,10 @@ def main(quiet: bool, verbose: bool) -> None:
               help="TOML file of settings (QuantConfig fields, bits = \"w4a4\", and a [layers] table); "
                    "command-line options win.")
 @click.option("--act-bits", type=int, default=None, help="Activation bit width, 2-8 (overrides the shorthand).")
+@click.option("--residual-bits", type=int, default=None,
+              help="Bit width of a layer output only residual Adds read (the branch before the sum; the sum gets "
+                   "the activation width). The W/A results of BRECQ/QDrop/RAPQ leave it unquantized [default: 8; "
+                   "never below the activation width].")
 @click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="Use the first N samples in sorted order.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
@@ -140,6 +144,9 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--equalize-channels", is_flag=True,
               help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that depthwise convs read, "
                    "absorbed into the weights (see docs/benchmarks.md for where it helps).")
+@click.option("--learn-clip/--no-learn-clip", default=None,
+              help="Below 8-bit activations, learn the clipping thresholds of each block's inner Relu/Clip outputs "
+                   "on the block's output error (per channel where depthwise convs read them) [default: on].")
 @click.option("--adaround/--no-adaround", default=None,
               help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
                    "activation, facing its quantized input [default: on when any weights are below 8 bits]. "
@@ -148,7 +155,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--block-recon/--no-block-recon", default=None,
               help="After AdaRound, learn the rounding of each block's low-bit layers together against the block's "
                    "output, with its activation quantizers in the loop (BRECQ/QDrop-style, numpy) "
-                   "[default: off].")
+                   "[default: on when any weights are below 8 bits].")
 @click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
@@ -158,8 +165,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @_preprocess_options
 @_fail_cleanly
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
-            labels, report_path, report_samples, config_file, act_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, adaround,
+            labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
+            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, learn_clip, adaround,
             adaround_iters, block_recon, block_iters, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
@@ -173,10 +180,11 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
     given = {k for k in ctx.params if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if shorthand:
         settings["weight_bits"], settings["act_bits"] = parse_shorthand(shorthand)
-    flags = {"weight_bits": weight_bits, "act_bits": act_bits, "first_last_8bit": not all_low_bit,
+    flags = {"weight_bits": weight_bits, "act_bits": act_bits, "residual_bits": residual_bits, "first_last_8bit": not all_low_bit,
              "calib_size": calib_size, "batch_size": batch_size, "act_method": act_calib,
              "bias_correction": not no_bias_correction, "absorb_clip": not no_absorb, "gptq": gptq,
-             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "adaround": adaround,
+             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "learn_clip": learn_clip,
+             "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
              "act_search": act_search, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}

@@ -55,6 +55,9 @@ class QuantConfig:
     #: threshold, by the same weight rescaling (scales stay 2^e).  MobileNetV2 w4a4: top-1 agreement with
     #: FP32 16.3% -> 21.6%; EfficientNet-Lite0 61.8% -> 62.2%
     continuous_clip: bool = True
+    #: learn those continuous thresholds block by block on the block's output error (float weights, every inner
+    #: low-bit activation quantized), starting from the least-squares ones; None = on with calibration data
+    learn_clip: bool | None = None
     #: below 8 bits, give each channel of a Relu/Clip output that depthwise convs read its own least-squares
     #: clipping threshold, by scaling the producer's rows and the reader's channels (scales stay 2^e).  Off by
     #: default: w4a4 top-1 agreement with FP32 on 744 held-back images MobileNetV2 23.4 -> 27.0%,
@@ -76,6 +79,12 @@ class QuantConfig:
     block_recon: bool | None = None
     block_iters: int = 300
     block_samples: int = 128
+    #: bit width of a layer output that only residual Adds read (the linear bottleneck of an inverted residual
+    #: block, before the sum); the sum itself is quantized at ``act_bits``.  The academic W/A convention that
+    #: BRECQ, QDrop and RAPQ report leaves this tensor unquantized (their quant_block.py disables the act
+    #: quantizer of a block's last conv and quantizes the block output); ptqc requantizes it by a shift to this
+    #: width.  Never below ``act_bits``; set it to ``act_bits`` to put every activation on the same width
+    residual_bits: int = 8
     #: move ReLU6-style clip bounds onto the top of the power-of-two grid by rescaling weights
     absorb_clip: bool = True
     #: how a requantizing right shift rounds: "half-even" (QuantizeLinear's own rule, no extra ops) or
@@ -91,7 +100,8 @@ class QuantConfig:
     keep_float: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+        for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits),
+                           ("residual", self.residual_bits)):
             if bits not in SUPPORTED_BITS:
                 raise PtqcError(
                     f"unsupported {what} bit width {bits}; ptqc supports "
@@ -139,14 +149,20 @@ class QuantConfig:
         return self.adaround if self.adaround is not None else self.low_bit_weights
 
     @property
+    def use_learn_clip(self) -> bool:
+        return self.learn_clip if self.learn_clip is not None else True
+
+    @property
     def use_block_recon(self) -> bool:
         return self.block_recon if self.block_recon is not None else self.low_bit_weights
 
     def for_trials(self) -> QuantConfig:
-        """The settings a search's trial compiles use: AdaRound and block reconstruction left off unless asked
-        for explicitly, since a search compiles many models and they turn each from seconds into minutes."""
+        """The settings a search's trial compiles use: AdaRound, block reconstruction and learned clipping left
+        off unless asked for explicitly, since a search compiles many models and they turn each from seconds
+        into minutes."""
         return dataclasses.replace(self, adaround=False if self.adaround is None else self.adaround,
-                                   block_recon=False if self.block_recon is None else self.block_recon)
+                                   block_recon=False if self.block_recon is None else self.block_recon,
+                                   learn_clip=False if self.learn_clip is None else self.learn_clip)
 
     @property
     def moment_samples(self) -> int:
@@ -159,7 +175,7 @@ class QuantConfig:
         resolved to, e.g. ``auto: True``."""
         out = {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
         for key, resolved in (("gptq", self.use_gptq), ("adaround", self.use_adaround),
-                              ("block_recon", self.use_block_recon)):
+                              ("block_recon", self.use_block_recon), ("learn_clip", self.use_learn_clip)):
             if getattr(self, key) is None:
                 out[f"ptqc.config.{key}"] = f"auto: {resolved}"
         return out

@@ -42,11 +42,32 @@ def test_raised_layer_raises_an_output_only_an_add_reads():
     names = [n for n, _ in layer_names(model)]
     branch, inner = names[2], names[1]
     outputs = lambda q: {r.name: r.a_bits.split("->")[1] for r in inspect_model(q).rows if r.op == "Conv"}
-    compiled = lambda bits: outputs(ptqc.compile(model, CALIB, ptqc.QuantConfig(4, 4, calib_size=48, layer_bits=bits)).model)
+    compiled = lambda bits: outputs(ptqc.compile(model, CALIB, ptqc.QuantConfig(
+        4, 4, calib_size=48, layer_bits=bits, residual_bits=4)).model)
     base = compiled({})
     assert base[branch] == base[inner] == "4"
     assert compiled({branch: 8})[branch] == "8"
     assert compiled({inner: 8})[inner] == "4"
+
+
+def test_residual_branch_width():
+    """By default a conv output that only the residual Add reads is requantized to residual_bits (8), the sum
+    and every other activation to act_bits; residual_bits=act_bits puts all of them on one width."""
+    model = resnet_like(1)
+    names = [n for n, _ in layer_names(model)]
+    branch, inner = names[2], names[1]
+
+    def widths(**kw):
+        q = ptqc.compile(model, CALIB, ptqc.QuantConfig(4, 4, calib_size=48, adaround=False, block_recon=False, **kw)).model
+        report = inspect_model(q)
+        assert report.ok
+        rows = {r.name: r for r in report.rows}
+        adds = [r.a_bits for r in report.rows if r.op == "Add"]
+        return rows[branch].a_bits.split("->")[1], rows[inner].a_bits.split("->")[1], adds
+
+    assert widths() == ("8", "4", ["8/4->4"])  # Add(branch, shortcut)
+    assert widths(residual_bits=4) == ("4", "4", ["4/4->4"])
+    assert widths(residual_bits=2) == ("4", "4", ["4/4->4"])  # never below act_bits
 
 
 def test_unknown_layer_name_is_one_clear_error():
