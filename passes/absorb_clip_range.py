@@ -13,7 +13,7 @@ producer and all its consumers are weighted layers, the pass guarantees:
 
 With ``continuous=True``, tensors below 8 bits go further: any fused Relu/Clip output between weighted layers
 gets the least-squares clipping threshold found on a continuous search (not only the 2^e * qmax values), and
-the same rescaling puts it on the grid's top.  This is the "absorb the non-power-of-two part of the scale
+the same rescaling puts it on the grid's top (or the threshold ``learn_clip_ranges`` learned, when it did).  This is the "absorb the non-power-of-two part of the scale
 into the weights" equalization: clipping ranges become continuous while every scale stays 2^e.
 """
 
@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc.annotations import ACT, HIST, MEAN, WEIGHT
+from ptqc.annotations import ACT, CLIP, HIST, MEAN, WEIGHT
 from ptqc.passes.fold_batchnorm import const, new_initializer
 from ptqc.passes.pot_scales import channel_view
 from ptqc.quant import int_range
@@ -99,8 +99,9 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
                 continue
             qmax = int_range(act.bits, act.signed)[1]
             if continuous:
-                # the least-squares clipping threshold, anywhere (not only at 2^e * qmax), below the bound
-                bound = v.meta[HIST].best_clip(act.bits, act.signed, upper=act.clip_hi)
+                # the least-squares clipping threshold, anywhere (not only at 2^e * qmax), below the bound,
+                # unless learn_clip_ranges found a better one for the block around it
+                bound = v.meta.get(CLIP) or v.meta[HIST].best_clip(act.bits, act.signed, upper=act.clip_hi)
                 if bound <= 0:
                     continue
                 e = int(np.ceil(np.log2(bound / qmax)))

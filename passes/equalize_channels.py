@@ -24,7 +24,7 @@ w4a4 lost 8 points of top-1 agreement with FP32 on held-back images, so they are
 
 from __future__ import annotations
 
-__all__ = ["EqualizeChannelsPass"]
+__all__ = ["ChannelHistogram", "EqualizeChannelsPass", "apply_channel_thresholds", "depthwise_readers"]
 
 import logging
 
@@ -98,6 +98,36 @@ class ChannelHistogram:
         return best
 
 
+def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method: str) -> bool:
+    """Clip channel ``c`` of ``v`` (a fused unsigned activation that only depthwise convs read) at ``t[c]``: its
+    producer's row ``c`` times ``s_c = T / t_c`` and each reader's channel ``c`` divided by it, with ``T`` the
+    top of a power-of-two grid near the thresholds' geometric mean.  False (nothing done) if every ``t`` is 0."""
+    act = v.meta[ACT]
+    qmax = int_range(act.bits, False)[1]
+    live = t > 0
+    if not live.any():
+        return False
+    e = int(np.ceil(np.log2(np.exp(np.log(t[live]).mean()) / qmax)))
+    top = qmax * 2.0**e
+    s = np.where(live, top / np.where(live, t, 1.0), 1.0)
+    producer = act.fused.inputs[0].producer()
+    scale_output_channels(graph, producer, s, suffix="ch")
+    producer.meta[WEIGHT].methods.append(method)
+    for reader in {u.node for u in v.uses()}:
+        # a depthwise reader's channel c is its output channel c (axis 0)
+        scale_weights(graph, reader, channel_view(1.0 / s, len(const(reader.inputs[1]).shape), 0), suffix="ch")
+        if MOMENT in reader.meta and reader.meta[MOMENT].h is not None:
+            # ... and its H is one (taps x taps) block per channel
+            reader.meta[MOMENT].h = reader.meta[MOMENT].h * (s**2)[:, None, None]
+    saturate_at_top(graph, v, top, e, s)
+    return True
+
+
+def depthwise_readers(v: ir.Value) -> bool:
+    """Every reader of ``v`` is a depthwise conv (channel c of ``v`` reaches output channel c only)."""
+    return bool(v.uses()) and all(_depthwise(u.node) for u in v.uses())
+
+
 def _depthwise(node: ir.Node) -> bool:
     """A Conv whose output channel ``c`` reads input channel ``c`` alone (depth multiplier 1)."""
     if node.op_type != "Conv":
@@ -156,23 +186,6 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
                 hists[name].add(arr)
         for v in values:
             act = v.meta[ACT]
-            qmax = int_range(act.bits, False)[1]
-            t = hists[v.name].best_clip(act.bits, act.clip_hi)
-            live = t > 0
-            if not live.any():
-                continue
-            e = int(np.ceil(np.log2(np.exp(np.log(t[live]).mean()) / qmax)))
-            top = qmax * 2.0**e
-            s = np.where(live, top / np.where(live, t, 1.0), 1.0)
-            producer = act.fused.inputs[0].producer()
-            scale_output_channels(graph, producer, s, suffix="ch")
-            producer.meta[WEIGHT].methods.append("equalize_channels")
-            for reader in {u.node for u in v.uses()}:
-                # a depthwise reader's channel c is its output channel c (axis 0)
-                scale_weights(graph, reader, channel_view(1.0 / s, len(const(reader.inputs[1]).shape), 0), suffix="ch")
-                if MOMENT in reader.meta and reader.meta[MOMENT].h is not None:
-                    # ... and its H is one (taps x taps) block per channel
-                    reader.meta[MOMENT].h = reader.meta[MOMENT].h * (s**2)[:, None, None]
-            saturate_at_top(graph, v, top, e, s)
+            apply_channel_thresholds(graph, v, hists[v.name].best_clip(act.bits, act.clip_hi), "equalize_channels")
         logger.info("gave %d activations per-channel clipping thresholds", len(values))
         return ir.passes.PassResult(model, modified=True)

@@ -68,15 +68,16 @@ def _segments(graph: ir.Graph) -> list[list[ir.Node]]:
     return segments
 
 
-def find_blocks(graph: ir.Graph) -> list[Block]:
-    """Blocks for reconstruction, in topological order (see the module docstring)."""
+def find_blocks(graph: ir.Graph, quantized_input: bool = True) -> list[Block]:
+    """Blocks for reconstruction, in topological order (see the module docstring).  With
+    ``quantized_input=False`` a block's input need not have its quantizer's exponent yet."""
     blocks, current = [], []
 
     def close():
         nonlocal current
         if any(n.op_type == "Conv" for n in current):
             try:
-                blocks.append(Block(current))
+                blocks.append(Block(current, quantized_input))
             except ValueError as exc:
                 logger.debug("not a block (%s): %s", exc, [n.name for n in current])
         current = []

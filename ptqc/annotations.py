@@ -2,6 +2,8 @@
 
 * ``value.meta[ACT]``: :class:`ActQuant`, set by plan_quantization, exponent filled by pot_scales.
 * ``value.meta[HIST]``: :class:`ptqc.quant.Histogram`, set by calibrate.
+* ``value.meta[CLIP]``: a learned clipping threshold (float units), set by learn_clip_ranges and used by
+  absorb_clip_range.
 * ``value.meta[MEAN]``: per-channel mean (axis 1) of a weighted layer's input, set by calibrate.
 * ``node.meta[MOMENT]``: :class:`ptqc.hessian.SecondMoment` of a weighted layer's input, set by calibrate
   when GPTQ is on.
@@ -17,6 +19,7 @@ import numpy as np
 
 ACT = "ptqc.act"
 HIST = "ptqc.hist"
+CLIP = "ptqc.clip"
 MEAN = "ptqc.mean"
 MOMENT = "ptqc.moment"
 WEIGHT = "ptqc.weight"

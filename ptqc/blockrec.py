@@ -90,7 +90,7 @@ def quantizer(value: ir.Value) -> tuple[float, float, float] | None:
 class Block:
     """A single-input, single-output run of Conv/Relu/Clip/Add nodes, in topological order."""
 
-    def __init__(self, nodes: list[ir.Node]):
+    def __init__(self, nodes: list[ir.Node], quantized_input: bool = True):
         self.nodes = nodes
         produced = {v.name for n in nodes for v in n.outputs}
         inputs = {n.inputs[0].name for n in nodes if n.op_type in ("Conv", "Relu", "Clip")}
@@ -100,7 +100,7 @@ class Block:
             raise ValueError(f"a block needs one input tensor, got {external}")
         self.input = external[0]
         value = next(v for n in nodes for v in n.inputs if v is not None and v.name == self.input)
-        if quantizer(value) is None:
+        if quantized_input and quantizer(value) is None:
             raise ValueError(f"the block input {self.input} is not a quantized activation")
         self.output = nodes[-1].outputs[0].name
         self.convs = {n.name: conv_spec(n) for n in nodes if n.op_type == "Conv"}
@@ -257,9 +257,14 @@ class Program:
         self.need = {node.name: block.needs(node, self.win[node.outputs[0].name]) for node in block.nodes}
 
     def forward(self, x: np.ndarray, masks: dict[str, np.ndarray], weights: dict[str, tuple[np.ndarray, np.ndarray]],
-                quantize: bool, drop: float = 0.0, rng: np.random.Generator | None = None):
+                quantize: bool, drop: float = 0.0, rng: np.random.Generator | None = None,
+                quant: dict[str, tuple] | None = None):
         """Output window, and the tape for :meth:`backward`.  ``drop`` is QDrop's chance that an element of an
-        inner activation skips its quantizer."""
+        inner activation skips its quantizer.  ``quant`` replaces the block's own inner quantizers by
+        ``(step, lo, hi)`` (scalars, or arrays per channel): :meth:`backward` then also gives the gradient in
+        each step, with ``lo`` and ``hi`` moving with it (a fixed code range)."""
+        learn_steps = quant is not None
+        quant = self.block.quant if quant is None else quant
         vals = {self.block.input: x}
         tape = {}
         for node in self.block.nodes:
@@ -279,10 +284,12 @@ class Program:
                     pass_mask &= ins[0] < hi
                 y = np.clip(ins[0], lo, hi)
                 tape[node.name] = pass_mask
-            q = self.block.quant.get(out) if quantize and out != self.block.output else None
+            q = quant.get(out) if quantize and out != self.block.output else None
             if q is not None:
                 s, lo, hi = q
                 tape[out + "/ste"] = (y >= lo) & (y <= hi)
+                if learn_steps:
+                    tape[out + "/pre"] = (y, q)
                 yq = np.clip(np.round(y / s) * s, lo, hi).astype(y.dtype)
                 if drop > 0:
                     keep = np.frombuffer(rng.bytes(y.size), np.uint8).reshape(y.shape) < int(round(256 * drop))
@@ -294,7 +301,8 @@ class Program:
         return vals[self.block.output], (vals, tape)
 
     def backward(self, grad: np.ndarray, state, masks, weights) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Gradients of every Conv's weights and bias, given the gradient at the output window."""
+        """Gradients of every Conv's weights and bias, given the gradient at the output window; and, under
+        ``"<tensor>/step"``, of every inner quantizer's step."""
         vals, tape = state
         grads = {self.block.output: grad}
         out_grads = {}
@@ -306,6 +314,12 @@ class Program:
             if out in masks:
                 g = g * masks[out]
             ste = tape.get(out + "/ste")
+            if ste is not None and out + "/pre" in tape:
+                y, (s, lo, hi) = tape[out + "/pre"]
+                # d quantizer / d step: the rounding residue inside, the code bound where it saturates
+                dq = np.where(ste, np.round(y / s) - y / s, np.where(y > hi, hi / s, lo / s))
+                axes = (0, 1, 2) if np.ndim(s) else None
+                out_grads[out + "/step"] = np.sum((g * dq).astype(np.float64), axis=axes)
             if ste is not None:
                 g = g * ste
             needs = self.need[node.name]

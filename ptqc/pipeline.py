@@ -28,6 +28,7 @@ from ptqc.passes.emit_qdq import EmitQdqPass
 from ptqc.passes.equalize_channels import EqualizeChannelsPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
+from ptqc.passes.learn_clip_ranges import LearnClipRangesPass
 from ptqc.passes.gptq_rounding import GptqRoundingPass
 from ptqc.passes.legalize_scales import LegalizeScalesPass
 from ptqc.passes.plan_quantization import PlanQuantizationPass
@@ -94,6 +95,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         PlanQuantizationPass(config),
         calibrate,
         *([EqualizeChannelsPass(data, config.batch_size)] if config.equalize_channels and data is not None else []),
+        *([LearnClipRangesPass(data, config.batch_size)]
+          if config.use_learn_clip and config.absorb_clip and config.continuous_clip and data is not None else []),
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
         PotScalesPass(config.act_method),
         *([GptqRoundingPass()] if float_gptq else []),
@@ -112,12 +115,12 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
 def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
-    if config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon:
-        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround and --block-recon need calibration "
-                        "data; pass --calib")
+    if config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon or config.learn_clip:
+        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon and --learn-clip need "
+                        "calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
-    return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False)
+    return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False, learn_clip=False)
 
 
 def compile(
