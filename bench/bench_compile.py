@@ -27,15 +27,16 @@ MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficien
 #: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
 VARIANTS = {
     "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-                block_recon=False),
+                block_recon=False, learn_clip=False),
     "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-               block_recon=False),  # + bias
+               block_recon=False, learn_clip=False),  # + bias
     "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False,
-                   block_recon=False),
+                   block_recon=False, learn_clip=False),
     "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False,
-                 block_recon=False),
-    "clip": dict(adaround=False, block_recon=False),  # + continuous clipping thresholds below 8 bits
-    "adaround": dict(adaround=True, block_recon=False),  # + AdaRound below 8-bit weights (the default until blocks)
+                 block_recon=False, learn_clip=False),
+    "clip": dict(adaround=False, block_recon=False, learn_clip=False),  # + continuous clipping thresholds below 8 bits
+    "learnclip": dict(adaround=False, block_recon=False),  # + thresholds learned on block outputs
+    "adaround": dict(adaround=True, block_recon=False),  # + AdaRound below 8-bit weights
     "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
 }

@@ -210,11 +210,13 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
-    order = ["rtn", "bc", "absorb", "gptq", "clip", "adaround", "default", "equalize"]
+    order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "default", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
+             "learnclip": "+ thresholds learned on block outputs",
              "adaround": "+ AdaRound per layer (`--no-block-recon`)",
-             "default": "+ block reconstruction: the default (the main run)",
+             "blocks": "+ block reconstruction (before learned thresholds and the 8-bit residual branch)",
+             "default": "learned thresholds, 8-bit residual branch and last-conv output, AdaRound, blocks: the default",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
@@ -224,10 +226,13 @@ def ablation(rows: list[dict]) -> list[str]:
         if variant == "default" and r.get("bits") != "w8a8" and "ReconstructBlocksPass" not in passes:
             # a main-run record from before block reconstruction (or before AdaRound) was the default
             variant = "adaround" if "AdaRoundLayersPass" in passes else "clip"
+        elif variant == "default" and r.get("bits") != "w8a8" and "LearnClipRangesPass" not in passes:
+            variant = "blocks"  # ... from before learned thresholds and the academic residual/last-input widths
         if variant in order and "top1" in r and r.get("calib_images") == 256:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
-    keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells if v not in ("default", "adaround")))
+    keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells if v not in ("default", "adaround", "blocks")))
+    order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
            "everywhere, first and last layers 8-bit. Produced by `python bench/bench_compile.py --bits w4a8 w4a4",
