@@ -36,7 +36,7 @@ VARIANTS = {
                  block_recon=False, learn_clip=False),
     "clip": dict(adaround=False, block_recon=False, learn_clip=False),  # + continuous clipping thresholds below 8 bits
     "learnclip": dict(adaround=False, block_recon=False),  # + thresholds learned on block outputs
-    "adaround": dict(adaround=True, block_recon=False),  # + AdaRound below 8-bit weights
+    "adaround": dict(adaround=True, block_recon=False, learn_clip=False),  # clip + AdaRound below 8-bit weights
     "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
 }
@@ -63,7 +63,7 @@ def worker_ptqc(args) -> dict:
     seconds = time.perf_counter() - start
     onnx.save(res.model, args.output)
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "calib_samples": res.calib_samples,
-            "pass_seconds": {k: round(v, 3) for k, v in res.timings.items()}}
+            "pass_seconds": {k: round(v, 3) for k, v in res.timings.items()}, "residual_bits": config.residual_bits}
 
 
 def worker_ort(args) -> dict:
@@ -198,7 +198,8 @@ def main() -> None:
             label = f"ptqc-pot-{bits}" + ("" if variant == "default" else f"-{variant}")
             rec = {**common, "calib_images": n_calib, "method": label, "bits": bits, "variant": variant,
                    "compile_s": round(info["seconds"], 2), "peak_rss_mb": round(info["peak_rss_mb"], 1),
-                   "pass_seconds": info["pass_seconds"], "calib_samples": info["calib_samples"]}
+                   "pass_seconds": info["pass_seconds"], "calib_samples": info["calib_samples"],
+                   "residual_bits": info["residual_bits"]}
             if n_calib == args.calib_size:
                 acc = evaluate_arrays(out, x, y, threads=args.threads)
                 report = inspect_model(read_model(out))

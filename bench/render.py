@@ -213,10 +213,10 @@ def ablation(rows: list[dict]) -> list[str]:
     order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "default", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
-             "learnclip": "+ thresholds learned on block outputs",
-             "adaround": "+ AdaRound per layer (`--no-block-recon`)",
-             "blocks": "+ block reconstruction (before learned thresholds and the 8-bit residual branch)",
-             "default": "learned thresholds, 8-bit residual branch and last-conv output, AdaRound, blocks: the default",
+             "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
+             "adaround": "+ AdaRound per layer (`--no-block-recon`, on the clip column)",
+             "blocks": "+ block reconstruction (4-bit residual branch and last-conv output)",
+             "default": "the same with an 8-bit residual branch and last-conv output: the default",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
@@ -226,8 +226,8 @@ def ablation(rows: list[dict]) -> list[str]:
         if variant == "default" and r.get("bits") != "w8a8" and "ReconstructBlocksPass" not in passes:
             # a main-run record from before block reconstruction (or before AdaRound) was the default
             variant = "adaround" if "AdaRoundLayersPass" in passes else "clip"
-        elif variant == "default" and r.get("bits") != "w8a8" and "LearnClipRangesPass" not in passes:
-            variant = "blocks"  # ... from before learned thresholds and the academic residual/last-input widths
+        elif variant == "default" and r.get("bits") != "w8a8" and "residual_bits" not in r:
+            variant = "blocks"  # ... from before the academic residual / last-conv widths (6ef4baa)
         if variant in order and "top1" in r and r.get("calib_images") == 256:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)

@@ -146,7 +146,8 @@ def main(quiet: bool, verbose: bool) -> None:
                    "absorbed into the weights (see docs/benchmarks.md for where it helps).")
 @click.option("--learn-clip/--no-learn-clip", default=None,
               help="Below 8-bit activations, learn the clipping thresholds of each block's inner Relu/Clip outputs "
-                   "on the block's output error (per channel where depthwise convs read them) [default: on].")
+                   "on the block's output error (per channel where depthwise convs read them) [default: on when "
+                   "block reconstruction is off].")
 @click.option("--adaround/--no-adaround", default=None,
               help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
                    "activation, facing its quantized input [default: on when any weights are below 8 bits]. "
