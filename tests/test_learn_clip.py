@@ -108,3 +108,17 @@ def test_compile_with_learned_thresholds_passes_inspect_and_records_them():
     assert ptqc.QuantConfig(weight_bits=8, act_bits=4).use_learn_clip
     inits = lambda m: {i.name for i in m.graph.initializer}
     assert any("_ch" in name for name in inits(on)) and not any("_ch" in name for name in inits(off))
+
+
+def test_learned_thresholds_lower_the_model_error_on_held_out_inputs():
+    """End to end at 8-bit weights (no block reconstruction): a Clip output whose channels differ up to 50x in
+    range, read by a depthwise conv.  Measured 0.00209 -> 0.00098 mean squared output error."""
+    from test_methods import _uneven_channels_model, run
+
+    model = _uneven_channels_model()
+    calib, test = inputs(64, seed=12), inputs(32, seed=13)
+    ref = run(model, test)[0]
+    cfg = dict(weight_bits=8, act_bits=4, calib_size=64, first_last_8bit=False)
+    err = {lc: float(((run(ptqc.compile(model, calib, ptqc.QuantConfig(**cfg, learn_clip=lc)).model, test)[0] - ref) ** 2).mean())
+           for lc in (False, True)}
+    assert err[True] < 0.7 * err[False]
