@@ -19,9 +19,10 @@ ends a block and starts the next (then the two blocks are run as one), the pass 
   the least-squares thresholds on the same windows; ``absorb_clip_range`` then uses them.
 
 A tensor whose readers are all depthwise convs gets one threshold per channel instead (started from each
-channel's least-squares threshold on the window values), applied at once as ``equalize_channels`` applies
-its own: the producer's row ``c`` and the readers' channel ``c`` are rescaled, and the tensor's exponent is
-fixed.  Per-tensor thresholds only go to ``meta[CLIP]``; the summed errors go to
+channel's least-squares threshold on the window values), applied by the pass itself, after every block was
+learned on the unchanged float model, as ``equalize_channels`` applies its own: the producer's row ``c`` and
+the readers' channel ``c`` are rescaled, and the tensor's exponent is fixed.  Per-tensor thresholds only go to
+``meta[CLIP]``.  The block errors (relative to the output's energy), summed before and after, go to
 ``graph.meta["ptqc.clip_loss"]``.
 """
 
@@ -167,6 +168,7 @@ class LearnClipRangesPass(ir.passes.InPlacePass):
         group_size: dict[int, int] = {}
         for v in values:
             group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+
         def spec(v: ir.Value) -> tuple | None:
             act = v.meta[ACT]
             t = v.meta[HIST].best_clip(act.bits, False, upper=act.clip_hi)
