@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc.annotations import ACT, CLIP, HIST, MEAN, WEIGHT
+from ptqc.annotations import ACT, CLIP, HIST, MEAN, WEIGHT, group_sizes
 from ptqc.passes.fold_batchnorm import const, new_initializer
 from ptqc.passes.pot_scales import channel_view
 from ptqc.quant import int_range
@@ -81,9 +81,7 @@ class AbsorbClipRangePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         values = [v for node in graph for v in node.outputs if ACT in v.meta]
-        group_size: dict[int, int] = {}
-        for v in values:
-            group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+        group_size = group_sizes(graph)
         count = 0
         for v in values:
             act = v.meta[ACT]

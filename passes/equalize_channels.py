@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqc import progress
-from ptqc.annotations import ACT, MOMENT, WEIGHT
+from ptqc.annotations import ACT, MOMENT, WEIGHT, group_sizes
 from ptqc.data import Dataset
 from ptqc.passes.absorb_clip_range import saturate_at_top, scale_output_channels, scale_weights
 from ptqc.passes.calibrate import float_session, run_batch
@@ -147,9 +147,7 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
 
     def _eligible(self, graph: ir.Graph) -> list[ir.Value]:
         values = [v for node in graph for v in node.outputs if ACT in v.meta]
-        group_size: dict[int, int] = {}
-        for v in values:
-            group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+        group_size = group_sizes(graph)
         out = []
         for v in values:
             act = v.meta[ACT]

@@ -36,13 +36,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqc import progress
-from ptqc.annotations import ACT, CLIP, HIST, WEIGHT
+from ptqc.annotations import ACT, CLIP, HIST, WEIGHT, group_sizes
 from ptqc.blockrec import Block, Program, Windows, sample_windows
 from ptqc.data import Dataset
 from ptqc.passes.calibrate import float_session, run_batch
 from ptqc.passes.equalize_channels import ChannelHistogram, apply_channel_thresholds, depthwise_readers
-from ptqc.passes.fold_batchnorm import const
-from ptqc.passes.reconstruct_blocks import WINDOWS_PER_IMAGE, find_blocks
+from ptqc.passes.reconstruct_blocks import WINDOWS_PER_IMAGE, _float, find_blocks
 from ptqc.quant import int_range
 
 logger = logging.getLogger(__name__)
@@ -60,15 +59,6 @@ def eligible(v: ir.Value, group_size: dict[int, int]) -> bool:
     if producer is None or WEIGHT not in producer.meta:
         return False
     return bool(v.uses()) and all(WEIGHT in u.node.meta and u.idx == 0 for u in v.uses())
-
-
-def _weights(block: Block) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    out = {}
-    for n in block.layers:
-        w = const(n.inputs[1]).astype(np.float32)
-        b = const(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else None
-        out[n.name] = (w, np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32).reshape(-1))
-    return out
 
 
 def _error(prog: Program, data: Windows, weights, target: np.ndarray, quant, chunk: int = 512) -> float:
@@ -123,12 +113,6 @@ def learn_thresholds(prog: Program, data: Windows, weights, start: dict[str, tup
     return learned, before, after
 
 
-def _windows_hist(values: np.ndarray) -> ChannelHistogram:
-    hist = ChannelHistogram(values.shape[-1])
-    hist.add(np.ascontiguousarray(values.transpose(0, 3, 1, 2)))
-    return hist
-
-
 class LearnClipRangesPass(ir.passes.InPlacePass):
     """Choose the clipping thresholds of each block's low-bit activations together, on the block output."""
 
@@ -153,21 +137,14 @@ class LearnClipRangesPass(ir.passes.InPlacePass):
         for i in range(0, min(data.x_f.shape[0], 2048), 512):
             sl = slice(i, i + 512)
             _, (vals, _) = prog.forward(data.x_f[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=False)
-            part = _windows_hist(vals[name])
-            if hist is None:
-                hist = part
-            else:
-                hist.counts += part.counts
-                hist.max = np.maximum(hist.max, part.max)
+            hist = hist or ChannelHistogram(vals[name].shape[-1])
+            hist.add(np.ascontiguousarray(vals[name].transpose(0, 3, 1, 2)))  # NHWC windows -> channels on axis 1
         t = hist.best_clip(int(np.log2(qmax + 1)), upper)
         return np.where(t > 0, t, fallback)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        values = [v for node in graph for v in node.outputs if ACT in v.meta]
-        group_size: dict[int, int] = {}
-        for v in values:
-            group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+        group_size = group_sizes(graph)
 
         def spec(v: ir.Value) -> tuple | None:
             act = v.meta[ACT]
@@ -214,7 +191,7 @@ class LearnClipRangesPass(ir.passes.InPlacePass):
             data = Windows(np.concatenate([w.x_f for w in p]), np.concatenate([w.x_f for w in p]),
                            {name: np.concatenate([w.masks[name] for w in p]) for name in p[0].masks})
             parts[k] = []
-            weights = _weights(block)
+            weights = {n.name: _float(n) for n in block.layers}
             baseline = {name: t for name, (_, t, _, _, _) in inner.items()}
             start = {name: (self._channel_start(prog, data, weights, name, q, hi, t) if per_channel else t, q, hi)
                      for name, (_, t, q, hi, per_channel) in inner.items()}

@@ -89,3 +89,13 @@ class BnStats:
     mean: np.ndarray
     var: np.ndarray
     eps: float
+
+
+def group_sizes(graph) -> dict[int, int]:
+    """How many planned activations each sharing group has (a tensor alone in its group can be rescaled)."""
+    sizes: dict[int, int] = {}
+    for node in graph:
+        for v in node.outputs:
+            if ACT in v.meta:
+                sizes[v.meta[ACT].group] = sizes.get(v.meta[ACT].group, 0) + 1
+    return sizes

@@ -6,7 +6,7 @@ import pytest
 import ptqc
 from graphs import inputs, mobilenet_like, strided_residual
 from ptqc import loader
-from ptqc.annotations import ACT, CLIP, HIST
+from ptqc.annotations import ACT, CLIP, HIST, group_sizes
 from ptqc.blockrec import Program, sample_windows
 from ptqc.data import ArrayData
 from ptqc.inspect import inspect_model
@@ -62,11 +62,7 @@ def test_step_gradient_where_every_value_saturates(per_channel):
 
 def _learn(model, x):
     irm = _run_until(model, CFG, x, "CalibratePass")
-    group_size: dict[int, int] = {}
-    for n in irm.graph:
-        for v in n.outputs:
-            if ACT in v.meta:
-                group_size[v.meta[ACT].group] = group_size.get(v.meta[ACT].group, 0) + 1
+    group_size = group_sizes(irm.graph)
     targets = [v for n in irm.graph for v in n.outputs if eligible(v, group_size)]
     LearnClipRangesPass(ArrayData(x), samples=32, iters=60, windows=2048)(irm)
     return irm, targets
