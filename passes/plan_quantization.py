@@ -190,6 +190,16 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         residual = [v for v in planned if v.producer() in weighted and all(u.node.op_type == "Add" for u in v.uses())]
         for v in residual:
             bits_of[v] = max(self.config.act_bits, self.config.residual_bits)
+        for node in kept_float:
+            # the tensors around a layer kept float that stay quantized (integer ops also read them, e.g. a
+            # residual Add) get 8 bits: the layer was kept float for precision, which a narrow grid beside it
+            # would undo, and no layer setting reaches them once their reader or writer is float
+            out = node.outputs[0]
+            if out in fused_pre:
+                out = out.uses()[0].node.outputs[0]
+            for v in (node.inputs[0], out):
+                if v in bits_of:
+                    bits_of[v] = 8
         unknown = sorted(set(self.config.layer_bits) - {n.name for n in weighted})
         if unknown:
             raise PtqcError(f"no quantizable layer named {unknown[0]!r}; `ptqc inspect` on a compiled model, or "

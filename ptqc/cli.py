@@ -110,7 +110,11 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--max-drop", type=float, default=None, metavar="POINTS",
               help="Raise the most harmful layers to 8 bits until the top-1 drop on held-out samples (those after "
                    "--calib-size in --calib) is at most POINTS with 95% confidence; estimated as the float "
-                   "model's confidence lost on changed answers, or measured with --labels.")
+                   "model's confidence lost on changed answers, or measured with --labels. If every layer at 8 bits "
+                   "still misses it, the fewest layers that meet it are kept float (see --no-float-fallback).")
+@click.option("--float-fallback/--no-float-fallback", default=True, show_default=True,
+              help="Let --max-drop keep layers float when 8 bits everywhere misses the budget; without it that is "
+                   "refused, and the model stays integer-only.")
 @click.option("--target-size", type=float, default=None, metavar="MB",
               help="Raise the most harmful layers to 8 bits while the weights fit in MB megabytes.")
 @click.option("--eval-size", type=int, default=256, show_default=True, help="Held-out samples for --max-drop.")
@@ -165,7 +169,7 @@ def main(quiet: bool, verbose: bool) -> None:
                    "shift), which costs one Add per requantizing op.")
 @_preprocess_options
 @_fail_cleanly
-def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, target_size, eval_size,
+def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, learn_clip, adaround,
             adaround_iters, block_recon, block_iters, act_search, rounding, preset, size, mean, std):
@@ -218,7 +222,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
             raise PtqcError("give --max-drop or --target-size, not both")
         if max_drop is not None:
             held, y = mixed.held_out(calib, pre, config.calib_size, eval_size, labels)
-            config, choice = mixed.max_drop(model, calib, config, pre, max_drop, held, y)
+            config, choice = mixed.max_drop(model, calib, config, pre, max_drop, held, y, float_fallback=float_fallback)
         else:
             config, choice = mixed.target_size(model, calib, config, pre, target_size)
         click.echo(choice.describe(), err=True)

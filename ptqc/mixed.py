@@ -18,6 +18,11 @@ alone (one compile and one analysis run, seconds), or from ``ptqc sensitivity`` 
   and it was below the labelled drop on 11 of the 12 (compile, image set) pairs tried.  The rule above said
   0.75 and 1.11 there, and over the same 12 pairs (w8a8, w4a8, w4a4, 38/44/47 layers raised) it sat on both
   sides of the labelled drop (val500 w8a8 1.03 vs 0.8, w4a8 8.9 vs 8.2, w4a4 47.7 vs 50.4).
+* When every ranked layer at 8 bits still misses ``D`` (MobileNetV2: held-out drop 0.77, bound 1.07 on 744
+  images, from the signed residual tensors at 8 bits rather than any one layer), layers of that all-8-bit
+  model are kept float, lowest SQNR alone first, the fewest that fit (doubling then bisection).  The tensors
+  around a float layer that stay quantized get 8 bits (``plan_quantization``).  ``--no-float-fallback``
+  refuses instead, for targets that cannot run a float layer.
 * Trial compiles leave AdaRound off unless it was asked for (:meth:`QuantConfig.for_trials`).  The chosen
   prefix is then compiled once more with the full settings, and that model is measured on the same held-out
   samples: it is kept if its bound fits the budget, else the trial model is.
@@ -51,16 +56,23 @@ class Choice:
     upper: float | None = None  # its one-sided 95% upper bound, which the budget applies to
     size_mb: float | None = None
     trials: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # (prefix length, drop, bound)
+    #: layers kept float when every ranked layer at 8 bits missed the budget, most harmful first
+    floated: list[str] = dataclasses.field(default_factory=list)
+    float_trials: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # (float count, drop, bound)
     #: the chosen model, compiled (``ptqc.pipeline.CompileResult``), when the search already built it
     result: object | None = dataclasses.field(default=None, repr=False)
 
     def describe(self) -> str:
         what = f"{len(self.raised)} of {len(self.ranking)} layers at 8 bits"
+        if self.raised:
+            what += f" ({', '.join(self.raised)})"
+        if self.floated:
+            what += f"; {len(self.floated)} layers kept float ({', '.join(self.floated)})"
         if self.estimate is not None:
-            what += f", held-out drop {self.estimate:.2f} points (95% bound {self.upper:.2f})"
+            what += f"; held-out drop {self.estimate:.2f} points (95% bound {self.upper:.2f})"
         if self.size_mb is not None:
-            what += f", weights {self.size_mb:.3f} MB"
-        return f"{self.criterion}: {what}" + (f" ({', '.join(self.raised)})" if self.raised else "")
+            what += f"; weights {self.size_mb:.3f} MB"
+        return f"{self.criterion}: {what}"
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -138,51 +150,64 @@ def with_raised(config: QuantConfig, names: list[str]) -> QuantConfig:
 
 
 def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_out: np.ndarray,
-             labels: np.ndarray | None = None, ranking: list[str] | None = None) -> tuple[QuantConfig, Choice]:
+             labels: np.ndarray | None = None, ranking: list[str] | None = None,
+             float_fallback: bool = True) -> tuple[QuantConfig, Choice]:
     """The fewest top-ranked layers at 8 bits whose held-out drop is at most ``budget`` points, with 95%
     confidence: the one-sided upper bound (mean + 1.645 standard errors over the held-out images) is what
     must fit, since one test set of a few hundred images moves the measured drop by about a point.
+
+    When even every ranked layer at 8 bits misses the budget, and ``float_fallback`` allows it, layers of
+    that all-8-bit model are kept float, lowest SQNR alone first, the fewest that fit (doubling, then
+    bisection); without ``float_fallback`` that is refused.
 
     Trials compile with ``config.for_trials()``; when that differs from ``config``, the chosen prefix is
     compiled with ``config`` and measured too (``choice.result`` holds the model to write)."""
     import ptqc
 
-    session = runtime.make_session(model)
-    input_name = session.get_inputs()[0].name
-    fp = runtime.run(session, {input_name: held_out})[0]
+    fp = runtime.outputs_in_batches(model, held_out)
     trial_config = config.for_trials()
 
     def measure(q_model: onnx.ModelProto) -> tuple[float, float]:
-        q = runtime.run(runtime.make_session(q_model), {input_name: held_out})[0]
-        return drop_bound(fp, q, labels)
+        return drop_bound(fp, runtime.outputs_in_batches(q_model, held_out), labels)
     compiled: dict[int, onnx.ModelProto] = {}  # the ranking's own compile is the 0-layer trial
     if ranking is None:
         ranking, compiled[0] = _ranked(model, calib, config, preprocess)
     choice = Choice(f"max-drop {budget:g}", [], ranking)
-    cache: dict[int, tuple[float, float, onnx.ModelProto]] = {}
+    cache: dict[tuple[int, int], tuple[float, float, onnx.ModelProto]] = {}
+    floated: list[str] = []  # the float stage's ranking, once it runs
 
-    def drop_at(k: int) -> float:
-        """The upper bound of the held-out drop with the first ``k`` ranked layers at 8 bits."""
-        if k not in cache:
-            q_model = (compiled.pop(k, None)
-                       or ptqc.compile(model, calib, with_raised(trial_config, ranking[:k]), preprocess).model)
+    def drop_at(k: int, f: int = 0) -> float:
+        """The upper bound of the held-out drop with the first ``k`` ranked layers at 8 bits and the first
+        ``f`` of the float stage's ranking kept float."""
+        if (k, f) not in cache:
+            q_model = (compiled.pop(k, None) if f == 0 else None) or ptqc.compile(
+                model, calib, _mixed(trial_config, ranking[:k], floated[:f]), preprocess).model
             mean, upper = measure(q_model)
-            cache[k] = (mean, upper, q_model)
-            choice.trials.append((k, mean, upper))
+            cache[k, f] = (mean, upper, q_model)
+            (choice.float_trials if f else choice.trials).append((f if f else k, mean, upper))
             bar.update(1)
-            logger.info("max-drop: %d layers at 8 bits -> held-out drop %.2f points (95%% bound %.2f)", k, mean, upper)
-        return cache[k][1]
+            logger.info("max-drop: %d layers at 8 bits, %d float -> held-out drop %.2f points (95%% bound %.2f)",
+                        k, f, mean, upper)
+        return cache[k, f][1]
 
-    lo, hi = 0, len(ranking)
+    lo, hi, f = 0, len(ranking), 0
     bar = progress.counter("max-drop search", total=2 + int(np.ceil(np.log2(max(hi, 1)))), unit="compile")
     try:
         if drop_at(0) <= budget:
             hi = 0
         elif drop_at(hi) > budget:
-            raise PtqcError(f"--max-drop {budget:g}: even with all {len(ranking)} ranked layers at 8 bits the "
-                            f"held-out drop's 95% bound is {drop_at(hi):.2f} points; try higher base bit widths, "
-                            "or more held-out samples (--eval-size)")
-        while hi - lo > 1:
+            if not float_fallback:
+                raise PtqcError(f"--max-drop {budget:g}: even with all {len(ranking)} ranked layers at 8 bits the "
+                                f"held-out drop's 95% bound is {drop_at(hi):.2f} points; allow float layers (drop "
+                                "--no-float-fallback), or score on more held-out samples (--eval-size)")
+            floated[:] = _float_ranking(model, calib, _mixed(trial_config, ranking, []), preprocess, config)
+            bar.total += 2 * int(np.ceil(np.log2(max(len(floated), 2))))
+            f = _fewest(lambda j: drop_at(hi, j) <= budget, len(floated))
+            if f is None:
+                raise PtqcError(f"--max-drop {budget:g}: even with all {len(floated)} layers float the held-out "
+                                f"drop's 95% bound is {drop_at(hi, len(floated)):.2f} points; score on more "
+                                "held-out samples (--eval-size) or raise the budget")
+        while hi - lo > 1 and not f:
             mid = (lo + hi) // 2
             if drop_at(mid) <= budget:
                 hi = mid
@@ -190,20 +215,59 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
                 lo = mid
     finally:
         bar.close()
-    choice.raised = ranking[:hi]
-    choice.estimate, choice.upper = cache[hi][0], cache[hi][1]
-    chosen = with_raised(config, choice.raised)
+    choice.floated = floated[:f]
+    choice.raised = [name for name in ranking[:hi] if name not in choice.floated]
+    choice.estimate, choice.upper = cache[hi, f][0], cache[hi, f][1]
+    chosen = _mixed(config, choice.raised, choice.floated)
     if trial_config != config:
         result = ptqc.compile(model, calib, chosen, preprocess)
         mean, upper = measure(result.model)
-        logger.info("max-drop: the chosen %d layers with the full settings -> held-out drop %.2f points "
-                    "(95%% bound %.2f; trial %.2f)", hi, mean, upper, choice.upper)
+        logger.info("max-drop: the choice with the full settings -> held-out drop %.2f points "
+                    "(95%% bound %.2f; trial %.2f)", mean, upper, choice.upper)
         if upper <= budget:
             choice.estimate, choice.upper, choice.result = mean, upper, result
         else:  # the full settings missed the budget the trial met: write the trial model
-            chosen = with_raised(trial_config, choice.raised)
-    choice.size_mb = weight_bytes(choice.result.model if choice.result else cache[hi][2]) / 1e6
+            chosen = _mixed(trial_config, choice.raised, choice.floated)
+    choice.size_mb = weight_bytes(choice.result.model if choice.result else cache[hi, f][2]) / 1e6
     return chosen, choice
+
+
+def _mixed(config: QuantConfig, raised: list[str], floated: list[str]) -> QuantConfig:
+    """``config`` with ``raised`` at 8 bits and ``floated`` kept float (a float layer drops its bit width)."""
+    cfg = with_raised(config, raised)
+    if not floated:
+        return cfg
+    bits = {k: v for k, v in cfg.layer_bits.items() if k not in floated}
+    return dataclasses.replace(cfg, layer_bits=bits, keep_float=[*cfg.keep_float, *floated])
+
+
+def _float_ranking(model, calib, floor: QuantConfig, preprocess, config: QuantConfig, samples: int = 32) -> list[str]:
+    """The layers of the ``floor`` model (every ranked layer at 8 bits), lowest SQNR alone first, leaving out
+    the layers the user gave bits or kept float."""
+    import ptqc
+
+    logger.info("max-drop: every ranked layer at 8 bits misses the budget; ranking layers to keep float")
+    report = ptqc.compile(model, calib, floor, preprocess, report_samples=samples).report
+    mine = set(config.layer_bits) | set(config.keep_float)
+    return [layer.name for layer in sorted(report.layers, key=lambda layer: layer.sqnr_alone_db) if layer.name not in mine]
+
+
+def _fewest(fits, n: int) -> int | None:
+    """The smallest ``k`` in 1..n with ``fits(k)``, by doubling then bisection (``fits`` taken as monotone and
+    false at 0), or None if ``fits(n)`` is false."""
+    lo, hi = 0, 1
+    while not fits(min(hi, n)):
+        if hi >= n:
+            return None
+        lo, hi = hi, 2 * hi
+    hi = min(hi, n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def target_size(model, calib, config: QuantConfig, preprocess, megabytes: float,

@@ -71,8 +71,7 @@ def analyse(model: str, calib, config: QuantConfig, held_out: np.ndarray, labels
     import ptqc
 
     def logits(m) -> np.ndarray:
-        session = runtime.make_session(m)
-        return runtime.run(session, {session.get_inputs()[0].name: held_out})[0]
+        return runtime.outputs_in_batches(m, held_out)
 
     fp = logits(model)
     config = config.for_trials()

@@ -147,3 +147,51 @@ def test_max_drop_writes_the_trial_model_when_the_full_settings_miss_the_budget(
     assert len(calls) == len(first.trials) + 1 and choice.raised == first.raised
     assert choice.result is None and not new_cfg.use_adaround
     assert (choice.estimate, choice.upper) == dict((k, (m, u)) for k, m, u in choice.trials)[len(choice.raised)]
+
+
+def test_fewest_doubles_then_bisects():
+    asked = []
+
+    def fits(k):
+        asked.append(k)
+        return k >= 5
+
+    assert mixed._fewest(fits, 12) == 5 and asked == [1, 2, 4, 8, 6, 5]
+    assert mixed._fewest(lambda k: k >= 5, 4) is None
+    assert mixed._fewest(lambda k: True, 7) == 1
+
+
+def test_max_drop_keeps_layers_float_when_8_bits_everywhere_miss(monkeypatch):
+    model, x = resnet_like(seed=5, width=16), inputs(96, seed=6)
+    cfg = QuantConfig(2, 2, calib_size=32, adaround_iters=10)
+    real_compile, last = ptqc.compile, {}
+
+    def spy(m, calib, config, *args, **kwargs):
+        last["config"] = config
+        return real_compile(m, calib, config, *args, **kwargs)
+
+    def bound(fp, q, labels=None):  # scored by what was compiled: 8 bits everywhere misses 1.0, 3 float layers fit
+        floats = len(last["config"].keep_float)
+        return (5.0, 5.0) if floats == 0 else (3.0, 3.0) if floats < 3 else (0.5, 0.5)
+
+    monkeypatch.setattr(ptqc, "compile", spy)
+    monkeypatch.setattr(mixed, "drop_bound", bound)
+    new_cfg, choice = mixed.max_drop(model, x[:32], cfg, None, 1.0, x[32:])
+    assert [k for k, _, _ in choice.float_trials] == [1, 2, 4, 3]
+    assert len(choice.floated) == 3 and choice.upper == 0.5
+    assert choice.raised == [n for n in choice.ranking if n not in choice.floated]
+    assert new_cfg.keep_float == choice.floated and not set(new_cfg.keep_float) & set(new_cfg.layer_bits)
+    kept = {n.name for n in choice.result.model.graph.node
+            if any(p.key == "ptqc.keep_float" for p in n.metadata_props)}
+    assert kept == set(choice.floated)
+    assert "3 layers kept float" in choice.describe()
+    with pytest.raises(PtqcError, match="no-float-fallback"):
+        mixed.max_drop(model, x[:32], cfg, None, 1.0, x[32:], float_fallback=False)
+
+
+def test_outputs_in_batches_match_one_run():
+    from ptqc import runtime
+
+    model, x = resnet_like(seed=7), inputs(70, seed=8)
+    whole = run(model, x)[0]
+    assert np.allclose(runtime.outputs_in_batches(model, x, batch=32), whole, rtol=1e-5, atol=1e-6)

@@ -70,6 +70,25 @@ def test_residual_branch_width():
     assert widths(residual_bits=2) == ("4", "4", ["4/4->4"])  # never below act_bits
 
 
+def test_tensors_beside_a_float_layer_are_8_bit():
+    """A tensor a kept-float layer writes or reads that still gets a quantizer (a residual Add reads it) is at
+    8 bits, whatever the activation and residual widths: no layer setting reaches it once its layer is float."""
+    model = resnet_like(1)
+    names = [n for n, _ in layer_names(model)]
+
+    def quantizer_bits(keep, side):
+        q = ptqc.compile(model, CALIB, ptqc.QuantConfig(4, 4, calib_size=48, residual_bits=4, adaround=False,
+                                                        block_recon=False, keep_float=[keep])).model
+        node = next(n for n in q.graph.node if n.name == keep)
+        tensor = node.output[0] if side == "out" else node.input[0]
+        ql = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+        assert len(ql) == 1
+        return {p.key: p.value for p in ql[0].metadata_props}["ptqc.bits"]
+
+    assert quantizer_bits(names[2], "out") == "8"  # the residual branch, read only by the Add
+    assert quantizer_bits(names[1], "in") == "8"  # the block input, which the Add reads too
+
+
 def test_unknown_layer_name_is_one_clear_error():
     with pytest.raises(PtqcError, match="no quantizable layer named 'nope'"):
         ptqc.compile(resnet_like(1), CALIB, ptqc.QuantConfig(4, 4, calib_size=16, layer_bits={"nope": 8}))
