@@ -156,7 +156,8 @@ def main() -> None:
             onnx.save(q, out)
             acc = top1(q, name)
             emit({"kind": "max_drop", "model": name, "bits": bits, "budget": budget, "raised": choice.raised,
-                  "n_raised": len(choice.raised), "ranked": len(choice.ranking), "held_out_drop": round(choice.estimate, 2),
+                  "n_raised": len(choice.raised), "ranked": len(choice.ranking), "floated": choice.floated,
+                  "float_trials": choice.float_trials, "held_out_drop": round(choice.estimate, 2),
                   "held_out_bound": round(choice.upper, 2), "held_out_images": len(held),
                   "scored_by": scored_by + (", AdaRound on the chosen model" if new_cfg.use_adaround else ""),
                   "trials": choice.trials, "fp32_top1": fp_top1, "top1": acc, "drop": round(fp_top1 - acc, 2),

@@ -146,7 +146,9 @@ def debugging(rows: list[dict]) -> list[str]:
                 " drop under the float softmax), which ran low; \"confidence lost\" rows use the current one"
                 " (docs/report.md). A refusal says the budget cannot be met even with every ranked layer at 8 bits."
                 " Rows marked \"AdaRound on the chosen model\" ran with AdaRound as the default: trials without it, then"
-                " the chosen prefix compiled with it and measured again on the same held-out images.", "",
+                " the chosen prefix compiled with it and measured again on the same held-out images. \"+ N float\": every"
+                " ranked layer at 8 bits missed the budget, so the search kept the fewest layers float that met it"
+                " (the float fallback, on unless `--no-float-fallback`).", "",
                 "| budget | base bits, held-out score | layers at 8 bits | held-out images | held-out drop (95% bound) | val500 top-1 |"
                 " val500 drop | weights MB | search s |", "|---|---|---|---|---|---|---|---|---|"]
         latest = OrderedDict()
@@ -156,7 +158,8 @@ def debugging(rows: list[dict]) -> list[str]:
             if "refused" in r:
                 out.append(f"| {budget:g} | {bits}, {scored} | refused: {r['refused'].split(';')[0]} | | | | | | |")
                 continue
-            out.append(f"| {budget:g} | {bits}, {scored} | {r['n_raised']} of {r['ranked']} | {r.get('held_out_images', 256)} | "
+            floated = f" + {len(r['floated'])} float" if r.get("floated") else ""
+            out.append(f"| {budget:g} | {bits}, {scored} | {r['n_raised']} of {r['ranked']}{floated} | {r.get('held_out_images', 256)} | "
                        f"{fmt(r['held_out_drop'])} ({fmt(r.get('held_out_bound'))}) | {fmt(r['top1'], 1)} | "
                        f"{fmt(r['drop'], 1)} | {fmt(r['weights_mb'], 3)} | {fmt(r['search_s'], 0)} |")
         out.append("")
