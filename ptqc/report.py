@@ -108,6 +108,8 @@ class Report:
     hints: list[str] = dataclasses.field(default_factory=list)
     #: float values (scaled like the quantized tensor) sampled per tensor, for histograms
     samples_of: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    #: layers left in float (``--keep-float`` or ``--max-drop``'s float fallback): not in ``layers``
+    kept_float: list[str] = dataclasses.field(default_factory=list)
 
     def worst_layers(self, n: int = 5) -> list[LayerStats]:
         """The ``n`` layers with the lowest SQNR alone (the ones that lose most by themselves)."""
@@ -475,6 +477,7 @@ def analyse(model: str | onnx.ModelProto, quantized: str | onnx.ModelProto, data
         quantized=quantized if isinstance(quantized, str) else (q.graph.name or "quantized model"),
         samples=seen, logit_snr_db=logit_acc.db, agreement=100.0 * agree / max(seen, 1), layers=layers,
         tensors=tensors, settings=settings,
+        kept_float=[n.name for n in q.graph.node if any(p.key == "ptqc.keep_float" for p in n.metadata_props)],
         samples_of={k: np.concatenate(v) for k, v in kept.items() if v})
     report.hints = hints(report)
     logger.info("report: %d layers, %d tensors, %d samples, logit SNR %.2f dB", len(layers), len(tensors), seen,

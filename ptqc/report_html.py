@@ -154,6 +154,9 @@ def render(report: Report, worst: int = 4) -> str:
             for layer in raised) + ".</p>"
     else:
         precision = ""
+    if report.kept_float:
+        precision += ("<p>Kept float, so not integer-only (absent from the layer table): "
+                      + ", ".join(f"<code>{esc(name)}</code>" for name in report.kept_float) + ".</p>")
     worst_list = ", ".join(f"<code>{esc(layer.name)}</code> ({_db(layer.sqnr_alone_db)} dB)" for layer in worst_layers)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">

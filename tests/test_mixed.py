@@ -195,3 +195,16 @@ def test_outputs_in_batches_match_one_run():
     model, x = resnet_like(seed=7), inputs(70, seed=8)
     whole = run(model, x)[0]
     assert np.allclose(runtime.outputs_in_batches(model, x, batch=32), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_report_lists_the_layers_kept_float():
+    from ptqc import report, report_html
+    from ptqc.data import ArrayData
+
+    model, x = resnet_like(seed=1), inputs(48, seed=2)
+    target = [n.name for n in ptqc.compile(model, x[:32], QuantConfig(8, 8, calib_size=32)).model.graph.node
+              if n.op_type == "Conv"][1]
+    q = ptqc.compile(model, x[:32], QuantConfig(4, 4, calib_size=32, keep_float=[target])).model
+    rep = report.analyse(model, q, ArrayData(x[32:]), samples=8)
+    assert rep.kept_float == [target] and target not in {layer.name for layer in rep.layers}
+    assert f"Kept float, so not integer-only (absent from the layer table): <code>{target}</code>" in report_html.render(rep)
