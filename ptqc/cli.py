@@ -148,6 +148,9 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--equalize-channels", is_flag=True,
               help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that depthwise convs read, "
                    "absorbed into the weights (see docs/benchmarks.md for where it helps).")
+@click.option("--equalize-residual", is_flag=True,
+              help="Multiply each residual stream (the signed tensors residual Adds join) by the factor in [1, 2) "
+                   "that best fits its power-of-two grids; exact (weights of its writers and readers).")
 @click.option("--learn-clip/--no-learn-clip", default=None,
               help="Below 8-bit activations, learn the clipping thresholds of each block's inner Relu/Clip outputs "
                    "on the block's output error (per channel where depthwise convs read them) [default: on when "
@@ -171,7 +174,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @_fail_cleanly
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
-            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, learn_clip, adaround,
+            act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, equalize_residual, learn_clip, adaround,
             adaround_iters, block_recon, block_iters, act_search, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
@@ -188,7 +191,8 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
     flags = {"weight_bits": weight_bits, "act_bits": act_bits, "residual_bits": residual_bits, "first_last_8bit": not all_low_bit,
              "calib_size": calib_size, "batch_size": batch_size, "act_method": act_calib,
              "bias_correction": not no_bias_correction, "absorb_clip": not no_absorb, "gptq": gptq,
-             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "learn_clip": learn_clip,
+             "gptq_target": gptq_target, "equalize_channels": equalize_channels, "equalize_residual": equalize_residual,
+             "learn_clip": learn_clip,
              "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
              "act_search": act_search, "rounding": rounding,

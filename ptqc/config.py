@@ -66,6 +66,10 @@ class QuantConfig:
     #: default: w4a4 top-1 agreement with FP32 on 744 held-back images MobileNetV2 23.4 -> 27.0%,
     #: MobileNetV1 39.5 -> 43.1%, but EfficientNet-Lite0 64.2 -> 61.0%
     equalize_channels: bool = False
+    #: multiply each residual stream (the signed tensors residual Adds join, between linear writers and
+    #: readers) by the factor in [1, 2) that best fits its tensors' power-of-two grids; exact.  Off by default
+    #: until measured on every model: MobileNetV2 w8a4 (GPTQ only) val500 43.4 -> 45.6
+    equalize_residual: bool = False
     #: after GPTQ, refine each low-bit layer in order by AdaRound on the error after its activation, facing its
     #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images.
     #: None = on when any layer has weights below 8 bits (w4a4 val500 top-1: MobileNetV2 28.2 -> 46.2,

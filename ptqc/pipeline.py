@@ -26,6 +26,7 @@ from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.calibrate_from_bn import CalibrateFromBnPass
 from ptqc.passes.emit_qdq import EmitQdqPass
 from ptqc.passes.equalize_channels import EqualizeChannelsPass
+from ptqc.passes.equalize_residual_stream import EqualizeResidualStreamPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
 from ptqc.passes.learn_clip_ranges import LearnClipRangesPass
@@ -93,6 +94,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         FoldBatchNormPass(),
         GapToSumPass(),
         PlanQuantizationPass(config),
+        *([EqualizeResidualStreamPass(data, config.batch_size)]
+          if config.equalize_residual and data is not None else []),
         calibrate,
         *([EqualizeChannelsPass(data, config.batch_size)] if config.equalize_channels and data is not None else []),
         *([LearnClipRangesPass(data, config.batch_size)]

@@ -116,3 +116,22 @@ def run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None)
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(outputs, {sess.get_inputs()[0].name: x})
+
+
+def linear_stream(seed: int = 4) -> onnx.ModelProto:
+    """A stage of two inverted residual blocks on a linear stream: a projection conv and two Add(stream, block)
+    sums, read by the expansion convs and a Relu head."""
+    b = Builder(seed)
+    lo, hi = b.init("lo", np.array(0.0, np.float32)), b.init("hi", np.array(6.0, np.float32))
+    x = b.node("Clip", [b.conv("input", 3, 8, k=3), lo, hi])
+    x = b.conv(x, 8, 8, k=1)
+    for _ in range(2):
+        z = b.node("Clip", [b.conv(x, 8, 16, k=1), lo, hi])
+        z = b.node("Clip", [b.conv(z, 16, 16, k=3, group=16), lo, hi])
+        x = b.node("Add", [x, b.conv(z, 16, 8, k=1)])
+    x = b.node("Relu", [b.conv(x, 8, 16, k=1)])
+    x = b.node("GlobalAveragePool", [x])
+    x = b.conv(x, 16, 10, k=1)
+    b.node("Flatten", [x], axis=1)
+    b.nodes[-1].output[0] = "logits"
+    return b.model("input", "logits", ["N", 3, 16, 16], ["N", 10])
