@@ -73,6 +73,16 @@ def run_batch(session, input_name: str, batch: np.ndarray, names: list[str]) -> 
     return runtime.run(session, {input_name: batch}, names)
 
 
+def float_outputs(model: ir.Model, names: list[str], data, samples: int, batch_size: int, what: str):
+    """Batch by batch over the first ``samples`` of ``data`` (with a progress bar ``what``): a dict of the float
+    model's tensors ``names``."""
+    graph = model.graph
+    input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
+    session = float_session(model, names)
+    for batch in progress.batches(data.head(samples, batch_size), what, total=min(samples, len(data))):
+        yield dict(zip(names, run_batch(session, input_name, batch, names)))
+
+
 def channel_sum(arr: np.ndarray) -> np.ndarray:
     """Per-channel (axis 1) sum over everything but the batch axis, summed over the batch: mean * N."""
     if arr.ndim == 2:

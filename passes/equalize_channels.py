@@ -31,11 +31,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc import progress
 from ptqc.annotations import ACT, MOMENT, WEIGHT, group_sizes
 from ptqc.data import Dataset
 from ptqc.passes.absorb_clip_range import saturate_at_top, scale_output_channels, scale_weights
-from ptqc.passes.calibrate import float_session, run_batch
+from ptqc.passes.calibrate import float_outputs
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.pot_scales import channel_view
 from ptqc.quant import int_range
@@ -172,13 +171,10 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
         values = self._eligible(graph)
         if not values:
             return ir.passes.PassResult(model, modified=False)
-        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
         names = [v.name for v in values]
-        session = float_session(model, names)
         hists: dict[str, ChannelHistogram] = {}
-        for batch in progress.batches(self.data.head(self.samples, self.batch_size), "equalize",
-                                      total=min(self.samples, len(self.data))):
-            for name, arr in zip(names, run_batch(session, input_value.name, batch, names)):
+        for outputs in float_outputs(model, names, self.data, self.samples, self.batch_size, "equalize"):
+            for name, arr in outputs.items():
                 if name not in hists:
                     hists[name] = ChannelHistogram(arr.shape[1])
                 hists[name].add(arr)

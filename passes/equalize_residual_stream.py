@@ -34,11 +34,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc import progress
 from ptqc.annotations import ACT, WEIGHT
 from ptqc.data import Dataset
 from ptqc.passes.absorb_clip_range import scale_output_channels, scale_weights
-from ptqc.passes.calibrate import float_session, run_batch
+from ptqc.passes.calibrate import float_outputs
 from ptqc.quant import int_range
 
 logger = logging.getLogger(__name__)
@@ -135,14 +134,11 @@ class EqualizeResidualStreamPass(ir.passes.InPlacePass):
         streams = find_streams(graph)
         if not streams:
             return ir.passes.PassResult(model, modified=False)
-        input_value = next(v for v in graph.inputs if v.name not in graph.initializers)
         names = [v.name for s in streams for v in s.tensors]
-        session = float_session(model, names)
         kept: dict[str, list[np.ndarray]] = {name: [] for name in names}
         rng = np.random.default_rng(0)
-        for batch in progress.batches(self.data.head(self.samples, self.batch_size), "stream scales",
-                                      total=min(self.samples, len(self.data))):
-            for name, arr in zip(names, run_batch(session, input_value.name, batch, names)):
+        for outputs in float_outputs(model, names, self.data, self.samples, self.batch_size, "stream scales"):
+            for name, arr in outputs.items():
                 flat = arr.reshape(-1)
                 kept[name].append(flat[rng.integers(0, flat.size, SAMPLES_PER_BATCH)].astype(np.float64))
         candidates = 2.0 ** (np.arange(STEPS) / STEPS)

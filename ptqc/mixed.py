@@ -200,7 +200,7 @@ def max_drop(model, calib, config: QuantConfig, preprocess, budget: float, held_
                 raise PtqcError(f"--max-drop {budget:g}: even with all {len(ranking)} ranked layers at 8 bits the "
                                 f"held-out drop's 95% bound is {drop_at(hi):.2f} points; allow float layers (drop "
                                 "--no-float-fallback), or score on more held-out samples (--eval-size)")
-            floated[:] = _float_ranking(model, calib, _mixed(trial_config, ranking, []), preprocess, config)
+            floated[:] = _float_ranking(model, calib, cache[hi, 0][2], preprocess, config)
             bar.total += 2 * int(np.ceil(np.log2(max(len(floated), 2))))
             f = _fewest(lambda j: drop_at(hi, j) <= budget, len(floated))
             if f is None:
@@ -241,15 +241,18 @@ def _mixed(config: QuantConfig, raised: list[str], floated: list[str]) -> QuantC
     return dataclasses.replace(cfg, layer_bits=bits, keep_float=[*cfg.keep_float, *floated])
 
 
-def _float_ranking(model, calib, floor: QuantConfig, preprocess, config: QuantConfig, samples: int = 32) -> list[str]:
-    """The layers of the ``floor`` model (every ranked layer at 8 bits), lowest SQNR alone first, leaving out
-    the layers the user gave bits or kept float."""
-    import ptqc
+def _float_ranking(model, calib, floor: onnx.ModelProto, preprocess, config: QuantConfig,
+                   samples: int = 32) -> list[str]:
+    """The layers of the ``floor`` model (every ranked layer at 8 bits, already compiled by the search), lowest
+    SQNR alone first, leaving out the layers the user gave bits or kept float."""
+    from ptqc import report
+    from ptqc.data import open_dataset
 
     logger.info("max-drop: every ranked layer at 8 bits misses the budget; ranking layers to keep float")
-    report = ptqc.compile(model, calib, floor, preprocess, report_samples=samples).report
+    data = open_dataset(calib, preprocess, limit=config.calib_size, input_name=floor.graph.input[0].name)
+    rep = report.analyse(model, floor, data, samples=samples)
     mine = set(config.layer_bits) | set(config.keep_float)
-    return [layer.name for layer in sorted(report.layers, key=lambda layer: layer.sqnr_alone_db) if layer.name not in mine]
+    return [layer.name for layer in sorted(rep.layers, key=lambda layer: layer.sqnr_alone_db) if layer.name not in mine]
 
 
 def _fewest(fits, n: int) -> int | None:
