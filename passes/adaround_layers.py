@@ -12,7 +12,9 @@ after it, one at a time in topological order.  For each layer it guarantees:
 * on the quantized calibration input, the layer's error is never above that of its starting codes and bias
   (otherwise those are kept).
 
-8-bit layers keep GPTQ's codes.  Each layer costs one run of the float and of the simulated model over
+8-bit layers keep GPTQ's codes.  With ``outside_blocks``, so do the layers ``reconstruct_blocks`` will learn
+again (it starts from the codes it is given, and learns them against the block output): AdaRound then only
+refines the low-bit layers no block reaches.  Each layer costs one run of the float and of the simulated model over
 ``samples`` images, plus ``iters`` Adam steps of two matmuls on ``batch`` sampled patch rows.
 """
 
@@ -32,6 +34,7 @@ from ptqc.data import Dataset
 from ptqc.hessian import for_layer
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.gptq_rounding import grouped, ungrouped
+from ptqc.passes.reconstruct_blocks import reconstructed_blocks
 from ptqc.quant import int_range
 
 logger = logging.getLogger(__name__)
@@ -62,8 +65,9 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
     """Refine low-bit layers' codes and biases by AdaRound on quantized-input, post-activation error."""
 
     def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 64, iters: int = 100,
-                 rows: int = 16384, batch: int = 1024, seed: int = 0):
+                 rows: int = 16384, batch: int = 1024, seed: int = 0, outside_blocks: bool = False):
         super().__init__()
+        self.outside_blocks = outside_blocks
         self.data = data
         self.batch_size = batch_size
         self.samples = samples
@@ -76,6 +80,11 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
         graph = model.graph
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
         layers = [n for n in quantized if n.meta[WEIGHT].bits < 8 and for_layer(n) is not None]
+        if self.outside_blocks:
+            inside = {id(n) for b, _ in reconstructed_blocks(graph) for n in b.layers}
+            logger.info("AdaRound leaves %d layers to block reconstruction",
+                        sum(id(n) in inside for n in layers))
+            layers = [n for n in layers if id(n) not in inside]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         paired = simulate.LayerInputs(model, layers, quantized, quantized=True)

@@ -11,14 +11,15 @@ are left alone.  In topological order, for each block with a layer below 8 bits,
   are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
   activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
   input is a 50/50 mix of quantized and float);
-* on the quantized input, the block's output error is never above that of its starting codes and biases.
+* on (up to 4096 of) its quantized input windows, the block's output error is never above that of its starting
+  codes and biases.
 
 8-bit layers inside a block keep their codes and take part as fixed quantized layers.
 """
 
 from __future__ import annotations
 
-__all__ = ["ReconstructBlocksPass", "find_blocks"]
+__all__ = ["ReconstructBlocksPass", "find_blocks", "reconstructed_blocks"]
 
 import logging
 
@@ -98,6 +99,18 @@ def find_blocks(graph: ir.Graph, quantized_input: bool = True) -> list[Block]:
     return blocks
 
 
+def reconstructed_blocks(graph: ir.Graph) -> list[tuple[Block, ir.Node]]:
+    """The blocks this pass refines, each with its head: a layer that reads the block input directly (the
+    simulation exposes layer inputs, so a block whose input only reaches a Relu/Clip or an Add first is left
+    alone), and only blocks with a layer below 8 bits."""
+    out = []
+    for b in find_blocks(graph):
+        head = next((n for n in b.layers if n.inputs[0].name == b.input), None)
+        if head is not None and any(n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8 for n in b.layers):
+            out.append((b, head))
+    return out
+
+
 def _float(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
     w = const(node.inputs[1]).astype(np.float64)
     b = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -121,14 +134,8 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        # a block is read through one of its layers that takes the block input directly (the simulation
-        # exposes layer inputs); a block whose input only reaches a Relu/Clip or an Add first is left alone
-        blocks, heads = [], []
-        for b in find_blocks(graph):
-            head = next((n for n in b.layers if n.inputs[0].name == b.input), None)
-            if head is not None and any(n.meta[WEIGHT].q is not None and n.meta[WEIGHT].bits < 8 for n in b.layers):
-                blocks.append(b)
-                heads.append(head)
+        work = reconstructed_blocks(graph)
+        blocks, heads = [b for b, _ in work], [h for _, h in work]
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]

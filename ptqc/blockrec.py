@@ -376,10 +376,11 @@ def _loss(prog: Program, data: Windows, weights, target: np.ndarray, lo, hi, chu
 def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.ndarray, np.ndarray]],
                 fixed: dict[str, tuple[np.ndarray, np.ndarray]], learn: dict[str, Layer], iters: int = 300,
                 batch: int = 128, lr: float = 3e-2, drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2,
-                seed: int = 0) -> Result:
+                seed: int = 0, check: int = 4096) -> Result:
     """Learn the rounding and bias of the ``learn`` layers so that the block's output on quantized (QDrop-mixed)
     input matches the float block's output on float input.  ``fixed`` layers keep their quantized weights.
-    The result is never worse, on the quantized windows without dropping, than the starting codes."""
+    The result is never worse than the starting codes on ``check`` of the quantized windows (drawn at random,
+    evaluated without dropping): the error before and after on all of them took a third of the pass's time."""
     rng = np.random.default_rng(seed)
     out_q = prog.block.quant.get(prog.block.output)
     lo, hi = (out_q[1], out_q[2]) if out_q is not None else (None, None)
@@ -403,8 +404,10 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         return np.clip(st["base"] + (_h(st["v"]) >= 0.5), st["qmin"], st["qmax"]), st["b"]
 
     start = {**fixed, **{n: (l.s * np.clip(l.codes, *int_range(l.bits, True)), l.bias) for n, l in learn.items()}}
-    before = _loss(prog, data, start, target, lo, hi)
     n = data.x_q.shape[0]
+    probe = np.sort(rng.choice(n, size=min(n, check), replace=False))
+    sub_p, target_p = data.take(probe), target[probe]
+    before = _loss(prog, sub_p, start, target_p, lo, hi)
     count = max(1, int(warmup * iters))
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for it in range(iters):
@@ -449,7 +452,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             st["b"] -= st["b_lr"] * (m[2] / (1 - beta1**k)) / (np.sqrt(m[3] / (1 - beta2**k)) + eps)
     final = {name: hard(name) for name in learn}
     end = {**fixed, **{n: (learn[n].s * c, b) for n, (c, b) in final.items()}}
-    after = _loss(prog, data, end, target, lo, hi)
+    after = _loss(prog, sub_p, end, target_p, lo, hi)
     if after > before:
         return Result({n: l.codes for n, l in learn.items()}, {n: l.bias for n, l in learn.items()}, before, before)
     return Result({n: c for n, (c, _) in final.items()}, {n: b for n, (_, b) in final.items()}, before, after)

@@ -157,7 +157,8 @@ def main(quiet: bool, verbose: bool) -> None:
                    "block reconstruction is off].")
 @click.option("--adaround/--no-adaround", default=None,
               help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
-                   "activation, facing its quantized input [default: on when any weights are below 8 bits]. "
+                   "activation, facing its quantized input [default: on when any weights are below 8 bits, for "
+                   "the layers block reconstruction does not learn again]. "
                    "Minutes instead of seconds; --max-drop trials run without it (docs/benchmarks.md).")
 @click.option("--adaround-iters", type=int, default=None, help="Adam steps per layer for --adaround [default: 100].")
 @click.option("--block-recon/--no-block-recon", default=None,

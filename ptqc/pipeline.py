@@ -105,7 +105,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([GptqRoundingPass()] if float_gptq else []),
         *([ReconstructLayersPass(data, config.batch_size, config.moment_samples, config.gptq_target)] if sequential else []),
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),
-        *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters)]
+        *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters,
+                                outside_blocks=config.adaround_outside_blocks)]
           if config.use_adaround else []),
         *([ReconstructBlocksPass(data, config.batch_size, config.block_samples, config.block_iters)]
           if config.use_block_recon else []),

@@ -135,3 +135,22 @@ def linear_stream(seed: int = 4) -> onnx.ModelProto:
     b.node("Flatten", [x], axis=1)
     b.nodes[-1].output[0] = "logits"
     return b.model("input", "logits", ["N", 3, 16, 16], ["N", 10])
+
+
+def branches(seed: int = 5) -> onnx.ModelProto:
+    """Two parallel convs joined by a Concat (a run block reconstruction does not take), then an inverted
+    residual-style expand/depthwise/project run and a 1x1 Conv head."""
+    b = Builder(seed)
+    lo, hi = b.init("lo", np.array(0.0, np.float32)), b.init("hi", np.array(6.0, np.float32))
+    x = b.node("Clip", [b.conv("input", 3, 8), lo, hi])
+    left = b.node("Clip", [b.conv(x, 8, 8, k=1), lo, hi])
+    right = b.node("Clip", [b.conv(x, 8, 8), lo, hi])
+    x = b.node("Concat", [left, right], axis=1)
+    x = b.node("Clip", [b.conv(x, 16, 32, k=1), lo, hi])
+    x = b.node("Clip", [b.conv(x, 32, 32, group=32), lo, hi])
+    x = b.conv(x, 32, 16, k=1)
+    x = b.node("GlobalAveragePool", [x])
+    x = b.conv(x, 16, 10, k=1)
+    b.node("Flatten", [x], axis=1)
+    b.nodes[-1].output[0] = "logits"
+    return b.model("input", "logits", ["N", 3, 16, 16], ["N", 10])

@@ -5,12 +5,12 @@ import onnx_ir as ir
 import pytest
 
 import ptqc
-from graphs import inputs, mobilenet_like, strided_residual
+from graphs import branches, inputs, mobilenet_like, strided_residual
 from ptqc import loader, runtime, simulate
 from ptqc.annotations import WEIGHT
 from ptqc.blockrec import Program, sample_windows
 from ptqc.data import ArrayData
-from ptqc.passes.reconstruct_blocks import _float, _segments, find_blocks
+from ptqc.passes.reconstruct_blocks import _float, _segments, find_blocks, reconstructed_blocks
 from ptqc.pipeline import build_passes
 
 
@@ -138,3 +138,20 @@ def test_a_shape_computation_kept_alive_to_the_end_does_not_hide_the_cuts():
     # nodes are left out
     assert segments == [["Conv"], ["Clip"], ["Conv", "Clip", "Conv", "Add"], ["Conv"], ["Clip"], ["GlobalAveragePool"],
                         ["Conv"], ["Flatten"], ["Reshape"]]
+
+
+@pytest.mark.parametrize("adaround,outside_only", [(None, True), (True, False)])
+def test_adaround_by_default_leaves_the_block_layers_to_block_reconstruction(adaround, outside_only):
+    irm = loader.load(branches())
+    cfg = ptqc.QuantConfig(weight_bits=4, act_bits=4, calib_size=16, adaround=adaround, adaround_iters=3)
+    for p in build_passes(cfg, ArrayData(inputs(16))):
+        if type(p).__name__ == "ReconstructBlocksPass":
+            break
+        p(irm)
+    inside = {n.name for b, _ in reconstructed_blocks(irm.graph) for n in b.layers}
+    low = [n for n in irm.graph if WEIGHT in n.meta and n.meta[WEIGHT].bits < 8]
+    assert inside & {n.name for n in low} and {n.name for n in low} - inside  # both kinds are present
+    for n in low:
+        assert ("adaround" in n.meta[WEIGHT].methods) == (n.name not in inside or not outside_only), n.name
+    expected = "auto: outside blocks" if adaround is None else "True"
+    assert cfg.as_metadata()["ptqc.config.adaround"] == expected
