@@ -66,7 +66,7 @@ def _error(prog: Program, data: Windows, weights, target: np.ndarray, quant, chu
     for i in range(0, data.x_f.shape[0], chunk):
         sl = slice(i, i + chunk)
         y, _ = prog.forward(data.x_f[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=True,
-                            quant=quant)
+                            quant=quant, record=False)
         total += float(np.sum((y - target[sl]).astype(np.float64) ** 2))
     return total
 
@@ -80,7 +80,7 @@ def learn_thresholds(prog: Program, data: Windows, weights, start: dict[str, tup
     rng = np.random.default_rng(seed)
     target = np.concatenate([
         prog.forward(data.x_f[i : i + 512], {k: m[i : i + 512] for k, m in data.masks.items()}, weights,
-                     quantize=False)[0] for i in range(0, data.x_f.shape[0], 512)])
+                     quantize=False, record=False)[0] for i in range(0, data.x_f.shape[0], 512)])
     qmax = {name: q for name, (_, q, _) in start.items()}
 
     def grids(t: dict) -> dict[str, tuple]:
@@ -136,7 +136,8 @@ class LearnClipRangesPass(ir.passes.InPlacePass):
         hist = None
         for i in range(0, min(data.x_f.shape[0], 2048), 512):
             sl = slice(i, i + 512)
-            _, (vals, _) = prog.forward(data.x_f[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=False)
+            _, (vals, _) = prog.forward(data.x_f[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=False,
+                                        record=False)
             hist = hist or ChannelHistogram(vals[name].shape[-1])
             hist.add(np.ascontiguousarray(vals[name].transpose(0, 3, 1, 2)))  # NHWC windows -> channels on axis 1
         t = hist.best_clip(int(np.log2(qmax + 1)), upper)

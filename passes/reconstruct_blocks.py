@@ -6,7 +6,8 @@ blocks of MobileNetV2/EfficientNet and the depthwise-pointwise pairs of MobileNe
 are left alone.  In topological order, for each block with a layer below 8 bits, the pass guarantees:
 
 * the block's input comes from a simulation in which every activation is quantized and every earlier layer
-  has its final integer weights and bias; the target is the float model's block output at the same positions;
+  has its final integer weights and bias; the target is the float model's block output at the same positions
+  (read off onnxruntime's float run, not recomputed on the windows);
 * the codes of its low-bit layers stay at the floor or the ceiling of ``W/s`` on their power-of-two grids and
   are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
   activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
@@ -139,7 +140,9 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
-        paired = simulate.LayerInputs(model, heads, quantized, quantized=True)
+        # the float session also gives each block's output, read off at the windows as the target
+        paired = simulate.LayerInputs(model, heads, quantized, quantized=True,
+                                      float_outputs=[b.output for b in blocks])
         batches = list(self.data.head(self.samples, self.batch_size))
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
@@ -149,11 +152,12 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
             # at most WINDOWS_PER_IMAGE from one image: its windows overlap, so more add little
             per_batch = -(-self.windows // len(batches))
             for batch in batches:
-                x_q, x_f = paired.pair(head, batch)
+                x_q, x_f, y_f = paired.pair_and_float(head, batch, block.output)
                 parts.append(sample_windows(block, prog.win, x_q, x_f,
-                                            min(per_batch, WINDOWS_PER_IMAGE * len(batch)), rng))
+                                            min(per_batch, WINDOWS_PER_IMAGE * len(batch)), rng, y_f))
             data = Windows(np.concatenate([p.x_q for p in parts]), np.concatenate([p.x_f for p in parts]),
-                           {k: np.concatenate([p.masks[k] for p in parts]) for k in parts[0].masks})
+                           {k: np.concatenate([p.masks[k] for p in parts]) for k in parts[0].masks},
+                           np.concatenate([p.y_f for p in parts]))
             float_weights = {n.name: _float(n) for n in block.layers}
             fixed, learn = {}, {}
             for n in block.layers:

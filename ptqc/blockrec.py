@@ -150,19 +150,23 @@ class Block:
 
 @dataclasses.dataclass
 class Windows:
-    """Sampled windows of one block: its input (quantized and float model), and masks of every tensor."""
+    """Sampled windows of one block: its input (quantized and float model), masks of every tensor, and (when
+    sampled with the float model's block output) the float output window."""
 
     x_q: np.ndarray  # (n, h, w, c) float32
     x_f: np.ndarray
     masks: dict[str, np.ndarray]  # (n, h, w, 1) float32, 1 inside the feature map
+    y_f: np.ndarray | None = None  # (n, out, out, c) float32
 
     def take(self, idx: np.ndarray) -> Windows:
-        return Windows(self.x_q[idx], self.x_f[idx], {k: m[idx] for k, m in self.masks.items()})
+        return Windows(self.x_q[idx], self.x_f[idx], {k: m[idx] for k, m in self.masks.items()},
+                       None if self.y_f is None else self.y_f[idx])
 
 
 def sample_windows(block: Block, win: dict[str, Window], x_q: np.ndarray, x_f: np.ndarray, count: int,
-                   rng: np.random.Generator) -> Windows:
-    """``count`` random output windows over a batch of NCHW block inputs (quantized and float)."""
+                   rng: np.random.Generator, y_f: np.ndarray | None = None) -> Windows:
+    """``count`` random output windows over a batch of NCHW block inputs (quantized and float), and of the float
+    block output ``y_f`` (NCHW) if given: the window forward's float result there, read off the whole map."""
     sizes = block.map_sizes(x_q.shape[2:])
     out = win[block.output]
     top = np.maximum(sizes[block.output] - out.size, 0)
@@ -189,7 +193,13 @@ def sample_windows(block: Block, win: dict[str, Window], x_q: np.ndarray, x_f: n
         inside_r = (rows >= 0) & (rows < sizes[name][0])
         inside_c = (cols >= 0) & (cols < sizes[name][1])
         masks[name] = (inside_r[:, :, None] & inside_c[:, None, :])[..., None].astype(np.float32)
-    return Windows(np.ascontiguousarray(wq, np.float32), np.ascontiguousarray(wf, np.float32), masks)
+    target = None
+    if y_f is not None:
+        py = np.pad(y_f, ((0, 0), (0, 0), (0, out.size[0]), (0, out.size[1])))  # a map smaller than the window
+        ry = oy[:, None] + np.arange(out.size[0])[None]
+        cx = ox[:, None] + np.arange(out.size[1])[None]
+        target = np.ascontiguousarray(py[img[:, None, None], :, ry[:, :, None], cx[:, None, :]], np.float32)
+    return Windows(np.ascontiguousarray(wq, np.float32), np.ascontiguousarray(wf, np.float32), masks, target)
 
 
 # --- forward and backward ----------------------------------------------------------------------------
@@ -258,11 +268,12 @@ class Program:
 
     def forward(self, x: np.ndarray, masks: dict[str, np.ndarray], weights: dict[str, tuple[np.ndarray, np.ndarray]],
                 quantize: bool, drop: float = 0.0, rng: np.random.Generator | None = None,
-                quant: dict[str, tuple] | None = None):
-        """Output window, and the tape for :meth:`backward`.  ``drop`` is QDrop's chance that an element of an
-        inner activation skips its quantizer.  ``quant`` replaces the block's own inner quantizers by
-        ``(step, lo, hi)`` (scalars, or arrays per channel): :meth:`backward` then also gives the gradient in
-        each step, with ``lo`` and ``hi`` moving with it (a fixed code range)."""
+                quant: dict[str, tuple] | None = None, record: bool = True):
+        """Output window, and the tape for :meth:`backward` (only with ``record``; without it the masks the
+        backward needs are not computed).  ``drop`` is QDrop's chance that an element of an inner activation
+        skips its quantizer.  ``quant`` replaces the block's own inner quantizers by ``(step, lo, hi)`` (scalars,
+        or arrays per channel): :meth:`backward` then also gives the gradient in each step, with ``lo`` and
+        ``hi`` moving with it (a fixed code range)."""
         learn_steps = quant is not None
         quant = self.block.quant if quant is None else quant
         vals = {self.block.input: x}
@@ -277,26 +288,34 @@ class Program:
                 y = ins[0] + (ins[1] if len(ins) > 1 else ins[0])
             else:
                 lo, hi = self.block.bounds[node.name]
-                pass_mask = np.ones(ins[0].shape, bool)
-                if lo is not None:
-                    pass_mask &= ins[0] > lo
-                if hi is not None:
-                    pass_mask &= ins[0] < hi
+                if record:
+                    pass_mask = np.ones(ins[0].shape, bool)
+                    if lo is not None:
+                        pass_mask &= ins[0] > lo
+                    if hi is not None:
+                        pass_mask &= ins[0] < hi
+                    tape[node.name] = pass_mask
                 y = np.clip(ins[0], lo, hi)
-                tape[node.name] = pass_mask
             q = quant.get(out) if quantize and out != self.block.output else None
             if q is not None:
                 s, lo, hi = q
-                tape[out + "/ste"] = (y >= lo) & (y <= hi)
-                if learn_steps:
-                    tape[out + "/pre"] = (y, q)
-                yq = np.clip(np.round(y / s) * s, lo, hi).astype(y.dtype)
+                if record:
+                    tape[out + "/ste"] = (y >= lo) & (y <= hi)
+                    if learn_steps:
+                        tape[out + "/pre"] = (y, q)
+                if np.ndim(s) == 0:  # in place, in the window's dtype: same values, a third of the passes
+                    yq = np.divide(y, s)
+                    np.round(yq, out=yq)
+                    yq *= s
+                    np.clip(yq, lo, hi, out=yq)
+                else:
+                    yq = np.clip(np.round(y / s) * s, lo, hi).astype(y.dtype)
                 if drop > 0:
                     keep = np.frombuffer(rng.bytes(y.size), np.uint8).reshape(y.shape) < int(round(256 * drop))
-                    yq = np.where(keep, y, yq)
+                    np.copyto(yq, y, where=keep)
                 y = yq
             if out in masks:
-                y = y * masks[out]
+                y *= masks[out]  # y is this node's own new array (conv, sum, clip or quantizer output)
             vals[out] = y
         return vals[self.block.output], (vals, tape)
 
@@ -368,7 +387,8 @@ def _loss(prog: Program, data: Windows, weights, target: np.ndarray, lo, hi, chu
     total = 0.0
     for i in range(0, data.x_q.shape[0], chunk):
         sl = slice(i, i + chunk)
-        y, _ = prog.forward(data.x_q[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=True)
+        y, _ = prog.forward(data.x_q[sl], {k: m[sl] for k, m in data.masks.items()}, weights, quantize=True,
+                            record=False)
         total += float(np.sum((np.clip(y, lo, hi) - target[sl]).astype(np.float64) ** 2))
     return total / target.size
 
@@ -384,8 +404,9 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     rng = np.random.default_rng(seed)
     out_q = prog.block.quant.get(prog.block.output)
     lo, hi = (out_q[1], out_q[2]) if out_q is not None else (None, None)
-    target = np.concatenate([
-        prog.forward(data.x_f[i : i + 512], {k: m[i : i + 512] for k, m in data.masks.items()}, float_weights, quantize=False)[0]
+    target = data.y_f if data.y_f is not None else np.concatenate([
+        prog.forward(data.x_f[i : i + 512], {k: m[i : i + 512] for k, m in data.masks.items()}, float_weights,
+                     quantize=False, record=False)[0]
         for i in range(0, data.x_f.shape[0], 512)])
     target = np.clip(target, lo, hi)
     scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)

@@ -205,20 +205,21 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
 class LayerInputs:
     """Paired inputs of weighted layers, for passes that fix layers one at a time in order: what ``layer`` reads
     in the simulated quantized model (weights fed as inputs, so layers fixed so far count with their integer
-    weights and corrected bias) and in the float model.
+    weights and corrected bias) and in the float model; and the float model's ``float_outputs``.
 
     ``fed`` are the layers whose weights the simulation is fed, starting float or quantized; :meth:`fix` then
     switches one layer to its current integer weights and bias.  Both sessions run without onnxruntime's arena:
     with many intermediate tensors exposed, an arena's peak memory grows with every run.
     """
 
-    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool):
+    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool,
+                 float_outputs: list[str] = ()):
         graph = model.graph
         self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
         inputs = sorted({n.inputs[0].name for n in layers})
         sim = build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
         self._q = runtime.make_session(sim.proto, arena=False, what="the simulated model")
-        self._fp = float_session(model, [n for n in inputs if n != self.input_name])
+        self._fp = float_session(model, sorted({n for n in inputs if n != self.input_name} | set(float_outputs)))
         self.weights: dict[str, np.ndarray] = {}
         for node in fed:
             self.weights.update(layer_arrays(node, quantized=quantized))
@@ -229,6 +230,14 @@ class LayerInputs:
         x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{name}__sim"])[0]
         x_f = batch if name == self.input_name else runtime.run(self._fp, {self.input_name: batch}, [name])[0]
         return x_q, x_f
+
+    def pair_and_float(self, layer: ir.Node, batch: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`pair`, and tensor ``name`` of the float model (one of ``float_outputs``), from one float run."""
+        x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{layer.inputs[0].name}__sim"])[0]
+        if layer.inputs[0].name == self.input_name:
+            return x_q, batch, runtime.run(self._fp, {self.input_name: batch}, [name])[0]
+        x_f, y_f = runtime.run(self._fp, {self.input_name: batch}, [layer.inputs[0].name, name])
+        return x_q, x_f, y_f
 
     def fix(self, layer: ir.Node) -> None:
         """From now on the simulation computes ``layer`` with its integer weights and current bias."""

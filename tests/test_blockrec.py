@@ -45,9 +45,11 @@ def test_window_forward_equals_the_simulated_model_bit_for_bit(make, size, out):
         prog = Program(block, out)
         xin, ref = runtime.run(sess, {"input": x}, [f"{block.input}__sim", block.output])
         rng = np.random.default_rng(0)
-        wins = sample_windows(block, prog.win, xin, xin, 64, rng)
+        wins = sample_windows(block, prog.win, xin, xin, 64, rng, y_f=ref)
         weights = {n.name: (n.meta[WEIGHT].dequantized(), n.meta[WEIGHT].bias) for n in block.layers}
         y, _ = prog.forward(wins.x_q, wins.masks, weights, quantize=True)
+        # the output windows read off the whole map (how the pass takes its float target) are the same
+        np.testing.assert_allclose(wins.y_f, y, rtol=0, atol=1e-5 * max(1.0, float(np.abs(y).max())))
         # the same draws pick the reference windows out of the whole output map
         rng = np.random.default_rng(0)
         top = np.maximum(block.map_sizes(xin.shape[2:])[block.output] - out, 0)
