@@ -63,7 +63,8 @@ def worker_ptqc(args) -> dict:
     seconds = time.perf_counter() - start
     onnx.save(res.model, args.output)
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "calib_samples": res.calib_samples,
-            "pass_seconds": {k: round(v, 3) for k, v in res.timings.items()}, "residual_bits": config.residual_bits}
+            "pass_seconds": {k: round(v, 3) for k, v in res.timings.items()}, "residual_bits": config.residual_bits,
+            "adaround": config.as_metadata()["ptqc.config.adaround"]}
 
 
 def worker_ort(args) -> dict:
@@ -199,7 +200,7 @@ def main() -> None:
             rec = {**common, "calib_images": n_calib, "method": label, "bits": bits, "variant": variant,
                    "compile_s": round(info["seconds"], 2), "peak_rss_mb": round(info["peak_rss_mb"], 1),
                    "pass_seconds": info["pass_seconds"], "calib_samples": info["calib_samples"],
-                   "residual_bits": info["residual_bits"]}
+                   "residual_bits": info["residual_bits"], "adaround": info["adaround"]}
             if n_calib == args.calib_size:
                 acc = evaluate_arrays(out, x, y, threads=args.threads)
                 report = inspect_model(read_model(out))
