@@ -303,7 +303,10 @@ class Program:
                     tape[out + "/ste"] = (y >= lo) & (y <= hi)
                     if learn_steps:
                         tape[out + "/pre"] = (y, q)
-                if np.ndim(s) == 0:  # in place, in the window's dtype: same values, a third of the passes
+                if np.ndim(s) == 0 and y.dtype.type(s) == s:
+                    # a step the window's dtype holds exactly (a power of two): in place, in that dtype; the
+                    # same values as below, with a third of the passes over the widest tensors
+                    s = y.dtype.type(s)
                     yq = np.divide(y, s)
                     np.round(yq, out=yq)
                     yq *= s
