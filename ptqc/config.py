@@ -67,9 +67,12 @@ class QuantConfig:
     #: MobileNetV1 39.5 -> 43.1%, but EfficientNet-Lite0 64.2 -> 61.0%
     equalize_channels: bool = False
     #: multiply each residual stream (the signed tensors residual Adds join, between linear writers and
-    #: readers) by the factor in [1, 2) that best fits its tensors' power-of-two grids; exact.  Off by default
-    #: until measured on every model: MobileNetV2 w8a4 (GPTQ only) val500 43.4 -> 45.6
-    equalize_residual: bool = False
+    #: readers) by the factor in [1, 2) that best fits its tensors' power-of-two grids; exact.  None = on with
+    #: calibration data below 8-bit activations when block reconstruction is off, like ``learn_clip``: w8a4
+    #: default pipeline, val500 / held-out agreement, MobileNetV2 57.0 / 51.9% -> 57.8 / 54.8%,
+    #: EfficientNet-Lite0 74.2 / 78.1% -> 76.4 / 81.2% (MobileNetV1 has no residual stream); with blocks
+    #: (w4a4) it was mixed, MobileNetV2 60.2 / 53.0% -> 57.8 / 55.4%
+    equalize_residual: bool | None = None
     #: after GPTQ, refine each low-bit layer in order by AdaRound on the error after its activation, facing its
     #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images.
     #: None = on when any layer has weights below 8 bits (w4a4 val500 top-1: MobileNetV2 28.2 -> 46.2,
@@ -164,6 +167,12 @@ class QuantConfig:
         return self.adaround is None and self.use_adaround and self.use_block_recon
 
     @property
+    def use_equalize_residual(self) -> bool:
+        if self.equalize_residual is not None:
+            return self.equalize_residual
+        return not self.use_block_recon and self.act_bits < 8
+
+    @property
     def use_learn_clip(self) -> bool:
         return self.learn_clip if self.learn_clip is not None else not self.use_block_recon
 
@@ -177,7 +186,9 @@ class QuantConfig:
         into minutes."""
         return dataclasses.replace(self, adaround=False if self.adaround is None else self.adaround,
                                    block_recon=False if self.block_recon is None else self.block_recon,
-                                   learn_clip=False if self.learn_clip is None else self.learn_clip)
+                                   learn_clip=False if self.learn_clip is None else self.learn_clip,
+                                   equalize_residual=(False if self.equalize_residual is None
+                                                      else self.equalize_residual))
 
     @property
     def moment_samples(self) -> int:
@@ -190,7 +201,8 @@ class QuantConfig:
         resolved to, e.g. ``auto: True``."""
         out = {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
         for key, resolved in (("gptq", self.use_gptq), ("adaround", self.use_adaround),
-                              ("block_recon", self.use_block_recon), ("learn_clip", self.use_learn_clip)):
+                              ("block_recon", self.use_block_recon), ("learn_clip", self.use_learn_clip),
+                              ("equalize_residual", self.use_equalize_residual)):
             if getattr(self, key) is None:
                 out[f"ptqc.config.{key}"] = f"auto: {resolved}"
         if self.adaround_outside_blocks:

@@ -95,7 +95,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         GapToSumPass(),
         PlanQuantizationPass(config),
         *([EqualizeResidualStreamPass(data, config.batch_size)]
-          if config.equalize_residual and data is not None else []),
+          if config.use_equalize_residual and data is not None else []),
         calibrate,
         *([EqualizeChannelsPass(data, config.batch_size)] if config.equalize_channels and data is not None else []),
         *([LearnClipRangesPass(data, config.batch_size)]

@@ -64,3 +64,19 @@ def test_cli_flag_runs_the_pass(tmp_path):
     assert {p.key: p.value for p in q.metadata_props}["ptqc.config.equalize_residual"] == "True"
     methods = [p.value for n in q.graph.node for p in n.metadata_props if p.key == "ptqc.methods"]
     assert sum("equalize_residual_stream" in m for m in methods) == 3  # the stream's three writers
+
+
+def test_on_by_default_below_8_bit_activations_when_blocks_are_off():
+    from ptqc.config import QuantConfig
+    from ptqc.data import ArrayData
+    from ptqc.pipeline import build_passes
+
+    def runs(cfg):
+        return any(type(p).__name__ == "EqualizeResidualStreamPass" for p in build_passes(cfg, ArrayData(inputs(4))))
+
+    assert runs(QuantConfig(8, 4)) and runs(QuantConfig(4, 4, block_recon=False))
+    assert not runs(QuantConfig(4, 4)) and not runs(QuantConfig(8, 8))  # blocks run / 8-bit activations
+    assert runs(QuantConfig(4, 4, equalize_residual=True)) and not runs(QuantConfig(8, 4, equalize_residual=False))
+    assert not runs(QuantConfig(8, 4).for_trials())  # search trials stay cheap
+    assert not any(type(p).__name__ == "EqualizeResidualStreamPass" for p in build_passes(QuantConfig(8, 4), None))
+    assert QuantConfig(8, 4).as_metadata()["ptqc.config.equalize_residual"] == "auto: True"
