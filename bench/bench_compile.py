@@ -27,16 +27,16 @@ MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficien
 #: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
 VARIANTS = {
     "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-                block_recon=False, learn_clip=False),
+                block_recon=False, learn_clip=False, equalize_residual=False),
     "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-               block_recon=False, learn_clip=False),  # + bias
+               block_recon=False, learn_clip=False, equalize_residual=False),  # + bias
     "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False,
-                   block_recon=False, learn_clip=False),
+                   block_recon=False, learn_clip=False, equalize_residual=False),
     "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False,
-                 block_recon=False, learn_clip=False),
-    "clip": dict(adaround=False, block_recon=False, learn_clip=False),  # + continuous clipping thresholds below 8 bits
-    "learnclip": dict(adaround=False, block_recon=False),  # + thresholds learned on block outputs
-    "adaround": dict(adaround=True, block_recon=False, learn_clip=False),  # clip + AdaRound below 8-bit weights
+                 block_recon=False, learn_clip=False, equalize_residual=False),
+    "clip": dict(adaround=False, block_recon=False, learn_clip=False, equalize_residual=False),  # + continuous clipping thresholds below 8 bits
+    "learnclip": dict(adaround=False, block_recon=False, equalize_residual=False),  # + thresholds learned on block outputs
+    "adaround": dict(adaround=True, block_recon=False, learn_clip=False, equalize_residual=False),  # clip + AdaRound below 8-bit weights
     "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
 }
