@@ -24,19 +24,17 @@ import numpy as np
 
 MODELS = {"mobilenet_v2_1.0_224": "tf", "mobilenet_v1_0.75_224": "tf", "efficientnet_lite0_bn": "lite"}
 
+#: the methods later columns add, off in the earlier variants so that each column measures what it names
+_LATER_OFF = dict(adaround=False, block_recon=False, learn_clip=False, equalize_residual=False)
 #: Ablation variants: each adds one method to the one before; "default" is what `ptqc compile` does.
 VARIANTS = {
-    "rtn": dict(bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-                block_recon=False, learn_clip=False, equalize_residual=False),
-    "bc": dict(bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False, adaround=False,
-               block_recon=False, learn_clip=False, equalize_residual=False),  # + bias
-    "absorb": dict(bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False, adaround=False,
-                   block_recon=False, learn_clip=False, equalize_residual=False),
-    "gptq": dict(bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False, adaround=False,
-                 block_recon=False, learn_clip=False, equalize_residual=False),
-    "clip": dict(adaround=False, block_recon=False, learn_clip=False, equalize_residual=False),  # + continuous clipping thresholds below 8 bits
-    "learnclip": dict(adaround=False, block_recon=False, equalize_residual=False),  # + thresholds learned on block outputs
-    "adaround": dict(adaround=True, block_recon=False, learn_clip=False, equalize_residual=False),  # clip + AdaRound below 8-bit weights
+    "rtn": dict(_LATER_OFF, bias_correction=False, absorb_clip=False, gptq=False, continuous_clip=False),
+    "bc": dict(_LATER_OFF, bias_correction=True, absorb_clip=False, gptq=False, continuous_clip=False),  # + bias
+    "absorb": dict(_LATER_OFF, bias_correction=True, absorb_clip=True, gptq=False, continuous_clip=False),
+    "gptq": dict(_LATER_OFF, bias_correction=True, absorb_clip=True, gptq=True, continuous_clip=False),
+    "clip": dict(_LATER_OFF),  # + continuous clipping thresholds below 8 bits
+    "learnclip": dict(_LATER_OFF, learn_clip=None),  # + thresholds learned on block outputs
+    "adaround": dict(_LATER_OFF, adaround=True),  # clip + AdaRound below 8-bit weights
     "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
 }

@@ -152,7 +152,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
             # at most WINDOWS_PER_IMAGE from one image: its windows overlap, so more add little
             per_batch = -(-self.windows // len(batches))
             for batch in batches:
-                x_q, x_f, y_f = paired.pair_and_float(head, batch, block.output)
+                x_q, x_f, y_f = paired.pair(head, batch, also=(block.output,))
                 parts.append(sample_windows(block, prog.win, x_q, x_f,
                                             min(per_batch, WINDOWS_PER_IMAGE * len(batch)), rng, y_f))
             data = Windows(np.concatenate([p.x_q for p in parts]), np.concatenate([p.x_f for p in parts]),

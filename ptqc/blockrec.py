@@ -401,17 +401,16 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
                 batch: int = 128, lr: float = 3e-2, drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2,
                 seed: int = 0, check: int = 4096) -> Result:
     """Learn the rounding and bias of the ``learn`` layers so that the block's output on quantized (QDrop-mixed)
-    input matches the float block's output on float input.  ``fixed`` layers keep their quantized weights.
-    The result is never worse than the starting codes on ``check`` of the quantized windows (drawn at random,
-    evaluated without dropping): the error before and after on all of them took a third of the pass's time."""
+    input matches the float block's output on float input (``data.y_f``).  ``fixed`` layers keep their quantized
+    weights.  The result is never worse than the starting codes on ``check`` of the quantized windows (drawn at
+    random, evaluated without dropping): the error before and after on all of them took a third of the pass's
+    time."""
     rng = np.random.default_rng(seed)
     out_q = prog.block.quant.get(prog.block.output)
     lo, hi = (out_q[1], out_q[2]) if out_q is not None else (None, None)
-    target = data.y_f if data.y_f is not None else np.concatenate([
-        prog.forward(data.x_f[i : i + 512], {k: m[i : i + 512] for k, m in data.masks.items()}, float_weights,
-                     quantize=False, record=False)[0]
-        for i in range(0, data.x_f.shape[0], 512)])
-    target = np.clip(target, lo, hi)
+    if data.y_f is None:
+        raise ValueError("block reconstruction needs windows sampled with the float block output (y_f)")
+    target = np.clip(data.y_f, lo, hi)
     scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)
     state = {}
     for name, layer in learn.items():

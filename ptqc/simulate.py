@@ -224,20 +224,14 @@ class LayerInputs:
         for node in fed:
             self.weights.update(layer_arrays(node, quantized=quantized))
 
-    def pair(self, layer: ir.Node, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(quantized, float) input of ``layer`` for one batch of model inputs."""
+    def pair(self, layer: ir.Node, batch: np.ndarray, also: tuple[str, ...] = ()) -> tuple[np.ndarray, ...]:
+        """(quantized, float) input of ``layer`` for one batch of model inputs, followed by the float model's
+        tensors ``also`` (of ``float_outputs``), all from one float run."""
         name = layer.inputs[0].name
         x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{name}__sim"])[0]
-        x_f = batch if name == self.input_name else runtime.run(self._fp, {self.input_name: batch}, [name])[0]
-        return x_q, x_f
-
-    def pair_and_float(self, layer: ir.Node, batch: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`pair`, and tensor ``name`` of the float model (one of ``float_outputs``), from one float run."""
-        x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{layer.inputs[0].name}__sim"])[0]
-        if layer.inputs[0].name == self.input_name:
-            return x_q, batch, runtime.run(self._fp, {self.input_name: batch}, [name])[0]
-        x_f, y_f = runtime.run(self._fp, {self.input_name: batch}, [layer.inputs[0].name, name])
-        return x_q, x_f, y_f
+        own = [] if name == self.input_name else [name]
+        got = runtime.run(self._fp, {self.input_name: batch}, own + list(also)) if own or also else []
+        return (x_q, got[0] if own else batch, *got[len(own):])
 
     def fix(self, layer: ir.Node) -> None:
         """From now on the simulation computes ``layer`` with its integer weights and current bias."""
