@@ -14,9 +14,11 @@ Guarantees after the pass:
   keep non-negativity); otherwise signed.
 * Values that must share one exponent (inputs and output of MaxPool, Flatten, Reshape, Concat, ...) carry
   the same group id.
-* With the first/last-layer policy, the first layer's weights and input and the last layer's weights and
-  input are 8-bit, and so is the tensor a pooling (through shape-only ops) turns into the last layer's input:
-  the academic convention puts that quantizer on the last conv's output, before the pooling.
+* With the first/last-layer policy, the first layer's weights, input and output (after its fused activation)
+  and the last layer's weights and input are 8-bit, and so is the tensor a pooling (through shape-only ops)
+  turns into the last layer's input.  This is the academic convention: BRECQ/QDrop/RAPQ's
+  ``set_first_last_layer_to_8bit`` sets module 0's output quantizer and module -2's (the last conv, before
+  the pooling) to 8 bits.
 * A layer output that only Adds read (the branch of a residual sum) has ``max(act_bits, residual_bits)`` bits.
 """
 
@@ -217,6 +219,12 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     for v in self._pooled_into(data):
                         if v in bits_of:
                             bits_of[v] = 8
+                else:
+                    out = node.outputs[0]
+                    if out in fused_pre:  # the quantizer sits on the fused activation's output
+                        out = out.uses()[0].node.outputs[0]
+                    if out in bits_of:
+                        bits_of[out] = 8
             if node.name in self.config.layer_bits:
                 bits, a_bits = layer_widths(self.config.layer_bits[node.name])
                 data = node.inputs[0]

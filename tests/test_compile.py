@@ -104,7 +104,8 @@ def test_low_bit_codes_saturate_at_the_declared_range(resnet, wb, ab):
         lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
         assert vals.min() >= lo and vals.max() <= hi, (n.name, vals.min(), vals.max(), bits)
         low += bits == ab
-    assert low >= 3
+    # the block's inner Relu and the Relu after the Add; the stem's output is 8-bit (first-layer policy)
+    assert low >= 2
 
 
 def test_first_and_last_layers_stay_8bit_unless_all_low_bit(resnet):

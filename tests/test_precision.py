@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import ptqc
-from graphs import inputs, resnet_like
+from graphs import inputs, mobilenet_like, resnet_like
 from ptqc.cli import main
 from ptqc.config import load_toml, parse_layer_bits
 from ptqc.errors import PtqcError
@@ -35,6 +35,20 @@ def test_layer_bits_override_weights_and_input():
     assert inspect_model(q).ok
 
 
+def test_first_layer_output_is_8_bit_under_the_first_last_policy():
+    """BRECQ/QDrop/RAPQ's first/last-layer convention keeps the first layer's output quantizer at 8 bits, not
+    only its weights and input: in mobilenet_like that is the fused Clip the depthwise conv reads.  With the
+    policy off (--all-low-bit) it is at the activation width like every other activation."""
+    model = mobilenet_like(0)
+    names = [n for n, _ in layer_names(model)]
+    rows = lambda **kw: {r.name: r for r in inspect_model(ptqc.compile(model, CALIB, ptqc.QuantConfig(
+        4, 4, calib_size=48, adaround=False, block_recon=False, **kw)).model).rows}
+    on, off = rows(), rows(first_last_8bit=False)
+    assert on[names[0]].a_bits.split("->")[1] == "8" and on[names[1]].a_bits.split("->")[0] == "8"
+    assert on[names[1]].w_bits == "4" and on[names[1]].a_bits.split("->")[1] == "4"  # the rest stays low-bit
+    assert off[names[0]].a_bits.split("->")[1] == "4" and off[names[1]].a_bits.split("->")[0] == "4"
+
+
 def test_raised_layer_raises_an_output_only_an_add_reads():
     """resnet_like's second block conv writes a tensor only the residual Add reads: no other layer's setting
     reaches it, so raising that conv raises it too; the first block conv's output feeds a layer, and stays."""
@@ -52,7 +66,8 @@ def test_raised_layer_raises_an_output_only_an_add_reads():
 
 def test_residual_branch_width():
     """By default a conv output that only the residual Add reads is requantized to residual_bits (8), the sum
-    and every other activation to act_bits; residual_bits=act_bits puts all of them on one width."""
+    and every other activation to act_bits; residual_bits=act_bits puts the branch on that width.  The shortcut
+    is the stem's output (through the MaxPool), 8-bit under the first-layer policy."""
     model = resnet_like(1)
     names = [n for n, _ in layer_names(model)]
     branch, inner = names[2], names[1]
@@ -65,9 +80,9 @@ def test_residual_branch_width():
         adds = [r.a_bits for r in report.rows if r.op == "Add"]
         return rows[branch].a_bits.split("->")[1], rows[inner].a_bits.split("->")[1], adds
 
-    assert widths() == ("8", "4", ["8/4->4"])  # Add(branch, shortcut)
-    assert widths(residual_bits=4) == ("4", "4", ["4/4->4"])
-    assert widths(residual_bits=2) == ("4", "4", ["4/4->4"])  # never below act_bits
+    assert widths() == ("8", "4", ["8/8->4"])  # Add(branch, shortcut)
+    assert widths(residual_bits=4) == ("4", "4", ["4/8->4"])
+    assert widths(residual_bits=2) == ("4", "4", ["4/8->4"])  # never below act_bits
 
 
 def test_tensors_beside_a_float_layer_are_8_bit():

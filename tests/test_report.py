@@ -119,8 +119,9 @@ def test_layers_read_back_with_bits_exponents_shifts_and_methods(compiled):
     _, _, _, rep = compiled
     assert [layer.op for layer in rep.layers] == ["Conv", "Conv", "Gemm"]
     mid = rep.layers[1]
-    # the last conv's output, pooled into the 8-bit classifier, is 8-bit like the classifier's input
-    assert (mid.weight_bits, mid.input_bits, mid.output_bits) == (4, 4, 8)
+    # its input is the first layer's output and its own output is pooled into the classifier: both 8-bit
+    # under the first/last-layer policy, like the classifier's input
+    assert (mid.weight_bits, mid.input_bits, mid.output_bits) == (4, 8, 8)
     assert mid.shifts == [mid.input_exp + e - mid.output_exp for e in mid.weight_exps]
     assert "gptq+exponent_search" in mid.methods and "bias_correction" in mid.methods
     assert rep.layers[-1].output_bits is None  # logits stay float
