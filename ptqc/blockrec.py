@@ -465,7 +465,11 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             if it >= count:
                 h = np.clip(h_raw, 0.0, 1.0)
                 tt = 2 * h - 1
-                gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / h.size * dh
+                # the rounding term is lam * sum(1 - |2h - 1|^beta) / sqrt(layer size).  With the mean (/ size)
+                # its pull towards 0 or 1 was too weak in 300 steps: in MobileNetV2's blocks 30-56% of the h
+                # ended between 0.01 and 0.99 (3-11% with the square root), and the hard codes lost what the
+                # soft ones had learned (block Conv_10..14 output error 8.40 -> 7.30, with the root 6.63)
+                gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / np.sqrt(h.size) * dh
             m = st["m"]
             m[0] = beta1 * m[0] + (1 - beta1) * gv
             m[1] = beta2 * m[1] + (1 - beta2) * gv**2
