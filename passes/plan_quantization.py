@@ -16,9 +16,9 @@ Guarantees after the pass:
   the same group id.
 * With the first/last-layer policy, the first layer's weights, input and output (after its fused activation)
   and the last layer's weights and input are 8-bit, and so is the tensor a pooling (through shape-only ops)
-  turns into the last layer's input.  This is the academic convention: BRECQ/QDrop/RAPQ's
-  ``set_first_last_layer_to_8bit`` sets module 0's output quantizer and module -2's (the last conv, before
-  the pooling) to 8 bits.
+  turns into the last layer's input.  This is the academic convention: BRECQ's ``set_first_last_layer_to_8bit``
+  (which RAPQ reuses) sets module 0's output quantizer and module -2's (the last conv, before the pooling) to
+  8 bits.
 * A layer output that only Adds read (the branch of a residual sum) has ``max(act_bits, residual_bits)`` bits.
 """
 

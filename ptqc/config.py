@@ -17,8 +17,8 @@ _SHORTHAND = re.compile(r"^w(\d)a(\d)$")
 class QuantConfig:
     """Everything that decides how a model is quantized.
 
-    ``first_last_8bit`` is the BRECQ/QDrop/RAPQ convention: the first layer's weights, input and output and
-    the last layer's weights and input stay 8-bit.  The logits are never quantized.
+    ``first_last_8bit`` is the BRECQ/QDrop/RAPQ convention: the first layer's weights, input and (as BRECQ and
+    RAPQ set it) output and the last layer's weights and input stay 8-bit.  The logits are never quantized.
     """
 
     weight_bits: int = 8

@@ -36,7 +36,7 @@ def test_layer_bits_override_weights_and_input():
 
 
 def test_first_layer_output_is_8_bit_under_the_first_last_policy():
-    """BRECQ/QDrop/RAPQ's first/last-layer convention keeps the first layer's output quantizer at 8 bits, not
+    """BRECQ/RAPQ's first/last-layer convention keeps the first layer's output quantizer at 8 bits, not
     only its weights and input: in mobilenet_like that is the fused Clip the depthwise conv reads.  With the
     policy off (--all-low-bit) it is at the activation width like every other activation."""
     model = mobilenet_like(0)
