@@ -192,14 +192,17 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         residual = [v for v in planned if v.producer() in weighted and all(u.node.op_type == "Add" for u in v.uses())]
         for v in residual:
             bits_of[v] = max(self.config.act_bits, self.config.residual_bits)
+
+        def quantized_output(node: ir.Node) -> ir.Value:
+            """The tensor that carries a layer's output quantizer: its fused Relu/Clip's output, if it has one."""
+            out = node.outputs[0]
+            return out.uses()[0].node.outputs[0] if out in fused_pre else out
+
         for node in kept_float:
             # the tensors around a layer kept float that stay quantized (integer ops also read them, e.g. a
             # residual Add) get 8 bits: the layer was kept float for precision, which a narrow grid beside it
             # would undo, and no layer setting reaches them once their reader or writer is float
-            out = node.outputs[0]
-            if out in fused_pre:
-                out = out.uses()[0].node.outputs[0]
-            for v in (node.inputs[0], out):
+            for v in (node.inputs[0], quantized_output(node)):
                 if v in bits_of:
                     bits_of[v] = 8
         unknown = sorted(set(self.config.layer_bits) - {n.name for n in weighted})
@@ -219,12 +222,8 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     for v in self._pooled_into(data):
                         if v in bits_of:
                             bits_of[v] = 8
-                else:
-                    out = node.outputs[0]
-                    if out in fused_pre:  # the quantizer sits on the fused activation's output
-                        out = out.uses()[0].node.outputs[0]
-                    if out in bits_of:
-                        bits_of[out] = 8
+                elif quantized_output(node) in bits_of:
+                    bits_of[quantized_output(node)] = 8
             if node.name in self.config.layer_bits:
                 bits, a_bits = layer_widths(self.config.layer_bits[node.name])
                 data = node.inputs[0]
@@ -232,9 +231,7 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     # a tensor read by several overridden layers takes the widest request
                     bits_of[data] = max(bits_of[data], a_bits) if data in overridden else a_bits
                     overridden.add(data)
-                out = node.outputs[0]
-                if out in fused_pre:  # the quantizer sits on the fused activation's output
-                    out = out.uses()[0].node.outputs[0]
+                out = quantized_output(node)
                 if out in bits_of and all(u.node not in weighted and u.node not in kept_float for u in out.uses()):
                     # no layer's setting reaches an output only Adds (pooling, ...) read, e.g. a residual
                     # branch: the layer that writes it decides, and never lowers it
