@@ -151,7 +151,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--equalize-residual/--no-equalize-residual", default=None,
               help="Multiply each residual stream (the signed tensors residual Adds join) by the factor in [1, 2) "
                    "that best fits its power-of-two grids; exact (weights of its writers and readers) [default: on "
-                   "below 8-bit activations when block reconstruction is off].")
+                   "below 8-bit activations].")
 @click.option("--learn-clip/--no-learn-clip", default=None,
               help="Below 8-bit activations, learn the clipping thresholds of each block's inner Relu/Clip outputs "
                    "on the block's output error (per channel where depthwise convs read them) [default: on when "

@@ -68,10 +68,10 @@ class QuantConfig:
     equalize_channels: bool = False
     #: multiply each residual stream (the signed tensors residual Adds join, between linear writers and
     #: readers) by the factor in [1, 2) that best fits its tensors' power-of-two grids; exact.  None = on with
-    #: calibration data below 8-bit activations when block reconstruction is off, like ``learn_clip``: w8a4
-    #: default pipeline, val500 / held-out agreement, MobileNetV2 57.0 / 51.9% -> 57.8 / 54.8%,
-    #: EfficientNet-Lite0 74.2 / 78.1% -> 76.4 / 81.2% (MobileNetV1 has no residual stream); with blocks
-    #: (w4a4) it was mixed, MobileNetV2 60.2 / 53.0% -> 57.8 / 55.4%
+    #: calibration data below 8-bit activations: w8a4 default pipeline (no blocks), val500 / held-out
+    #: agreement, MobileNetV2 57.0 / 51.9% -> 57.8 / 54.8%, EfficientNet-Lite0 74.2 / 78.1% -> 76.4 / 81.2%
+    #: (MobileNetV1 has no residual stream); w4a4 with blocks (the 8-bit first-layer output and the root
+    #: rounding term), MobileNetV2 64.0 / 58.1% -> 63.8 / 63.6%, EfficientNet-Lite0 76.2 -> 78.8 / 81.5%
     equalize_residual: bool | None = None
     #: after GPTQ, refine each low-bit layer in order by AdaRound on the error after its activation, facing its
     #: quantized input (QDrop's mix); ``adaround_iters`` Adam steps per layer on ``adaround_samples`` images.
@@ -170,7 +170,7 @@ class QuantConfig:
     def use_equalize_residual(self) -> bool:
         if self.equalize_residual is not None:
             return self.equalize_residual
-        return not self.use_block_recon and self.act_bits < 8
+        return self.act_bits < 8
 
     @property
     def use_learn_clip(self) -> bool:

@@ -66,7 +66,7 @@ def test_cli_flag_runs_the_pass(tmp_path):
     assert sum("equalize_residual_stream" in m for m in methods) == 3  # the stream's three writers
 
 
-def test_on_by_default_below_8_bit_activations_when_blocks_are_off():
+def test_on_by_default_below_8_bit_activations():
     from ptqc.config import QuantConfig
     from ptqc.data import ArrayData
     from ptqc.pipeline import build_passes
@@ -75,7 +75,8 @@ def test_on_by_default_below_8_bit_activations_when_blocks_are_off():
         return any(type(p).__name__ == "EqualizeResidualStreamPass" for p in build_passes(cfg, ArrayData(inputs(4))))
 
     assert runs(QuantConfig(8, 4)) and runs(QuantConfig(4, 4, block_recon=False))
-    assert not runs(QuantConfig(4, 4)) and not runs(QuantConfig(8, 8))  # blocks run / 8-bit activations
+    assert runs(QuantConfig(4, 4)) and QuantConfig(4, 4).use_block_recon  # with block reconstruction too
+    assert not runs(QuantConfig(8, 8)) and not runs(QuantConfig(4, 8))  # 8-bit activations
     assert runs(QuantConfig(4, 4, equalize_residual=True)) and not runs(QuantConfig(8, 4, equalize_residual=False))
     assert not runs(QuantConfig(8, 4).for_trials())  # search trials stay cheap
     assert not any(type(p).__name__ == "EqualizeResidualStreamPass" for p in build_passes(QuantConfig(8, 4), None))
