@@ -50,11 +50,13 @@ def main() -> None:
            "on by default below 8-bit weights, before block reconstruction (`--bits w4a8 w4a4 w2a4 w3a3 --no-ort`,",
            "then `--bits w4a4 --calib-size 1024 --no-latency`), and with every activation at the activation width.",
            "The fp32, w4a4 and w2a4 rows (256 images) come from the latest runs (`--bits w2a4 w4a4 --no-ort",
-           "--no-latency`, each compile alone on the machine) on an installed snapshot of 35f14c5: AdaRound left",
+           "--no-latency`, each compile alone on the machine) on installed snapshots, first of 35f14c5: AdaRound left",
            "to the layers no block reconstructs, the cheaper block pass, the first layer's output at 8 bits like",
            "its weights and input (BRECQ/RAPQ's convention; before, it was at the activation width: w4a4 drops",
            "21.0 / 19.2 / 9.4 for MobileNetV2 / V1 / EfficientNet-Lite0) and block reconstruction's rounding",
-           "term over the square root of each layer's size (docs/design.md), with",
+           "term over the square root of each layer's size (docs/design.md); now all from a snapshot of b78114a,",
+           "which also turns the residual-stream scale on under block reconstruction and runs the window",
+           "convolutions as 2-D products (block reconstruction about twice as fast), with",
            "block reconstruction on and the academic tensor",
            "set: a conv output only a residual Add reads, and the last conv's output that pooling feeds to the",
            "classifier, at 8 bits (`--residual-bits`, docs/design.md). The ablation below has the earlier",
@@ -225,7 +227,7 @@ def ablation(rows: list[dict]) -> list[str]:
              "adaround": "+ AdaRound per layer (`--no-block-recon`, on the clip column)",
              "blocks": "+ block reconstruction (4-bit residual branch and last-conv output)",
              "everylayer": "the same with an 8-bit residual branch and last-conv output",
-             "default": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term (35f14c5): the default",
+             "default": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a): the default",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
