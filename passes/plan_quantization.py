@@ -222,8 +222,8 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     for v in self._pooled_into(data):
                         if v in bits_of:
                             bits_of[v] = 8
-                elif quantized_output(node) in bits_of:
-                    bits_of[quantized_output(node)] = 8
+                elif (out := quantized_output(node)) in bits_of:
+                    bits_of[out] = 8
             if node.name in self.config.layer_bits:
                 bits, a_bits = layer_widths(self.config.layer_bits[node.name])
                 data = node.inputs[0]
