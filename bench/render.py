@@ -219,15 +219,16 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
-    order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "default",
-             "equalize"]
+    order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "noblockclip",
+             "default", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
              "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
              "adaround": "+ AdaRound per layer (`--no-block-recon`, on the clip column)",
              "blocks": "+ block reconstruction (4-bit residual branch and last-conv output)",
              "everylayer": "the same with an 8-bit residual branch and last-conv output",
-             "default": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a): the default",
+             "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a)",
+             "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef): the default",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
@@ -244,11 +245,13 @@ def ablation(rows: list[dict]) -> list[str]:
             # ... from before AdaRound left the block layers to the blocks (43c7e1a; such records do not say
             # how AdaRound resolved, but it then took minutes, and a second when it has no layer left)
             variant = "everylayer"
+        elif variant == "default" and r.get("bits") != "w8a8" and "LearnClipRangesPass" not in passes:
+            variant = "noblockclip"  # ... from before learned thresholds ran under blocks too (8b0b0ef)
         if variant in order and "top1" in r and r.get("calib_images") == 256:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
     keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells
-                                     if v not in ("default", "adaround", "blocks", "everylayer")))
+                                     if v not in ("default", "adaround", "blocks", "everylayer", "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",

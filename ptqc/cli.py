@@ -155,7 +155,7 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--learn-clip/--no-learn-clip", default=None,
               help="Below 8-bit activations, learn the clipping thresholds of each block's inner Relu/Clip outputs "
                    "on the block's output error (per channel where depthwise convs read them) [default: on when "
-                   "any activation is below 8 bits].")
+                   "any activation is below 8 bits and weights are at least 4 bits].")
 @click.option("--adaround/--no-adaround", default=None,
               help="After GPTQ, refine low-bit layers one by one by AdaRound on the error after each layer's "
                    "activation, facing its quantized input [default: on when any weights are below 8 bits, for "

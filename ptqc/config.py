@@ -57,11 +57,13 @@ class QuantConfig:
     continuous_clip: bool = True
     #: learn those continuous thresholds block by block on the block's output error (float weights, every inner
     #: low-bit activation quantized; per channel where depthwise convs read the tensor), starting from the
-    #: least-squares ones.  None = on with calibration data when some activation is below 8 bits: MobileNetV2
-    #: w8a4 (no blocks) val500 top-1 / agreement 43.4 / 40.1% -> 57.0 / 51.9%; w4a4 with AdaRound and blocks
-    #: (which learn against the same quantizers), MobileNetV2 63.8 / 63.6% -> 65.2 / 65.2%, MobileNetV1
-    #: 62.0 / 62.5% -> 64.8 / 64.2%, EfficientNet-Lite0 77.0 / 81.5% -> 77.4 / 81.5% (a first measurement,
-    #: before the residual-stream scale and the 8-bit first-layer output, had 60.2 / 53.0% -> 59.0 / 53.1%)
+    #: least-squares ones.  None = on with calibration data when some activation is below 8 bits and the
+    #: weights are at least 4 bits: MobileNetV2 w8a4 (no blocks) val500 top-1 / agreement 43.4 / 40.1% ->
+    #: 57.0 / 51.9%; w4a4 with AdaRound and blocks (which learn against the same quantizers), bench top-1
+    #: MobileNetV2 64.4 -> 64.6, MobileNetV1 62.0 -> 64.8, EfficientNet-Lite0 77.0 -> 77.4, +105-270 s (a
+    #: first measurement, before the residual-stream scale and the 8-bit first-layer output, had 60.2 -> 59.0).
+    #: Off below 4-bit weights: at w2a4 it gained nothing (2.4 -> 5.0, 1.2 -> 2.0, 23.0 -> 20.6) and its
+    #: 250 s put EfficientNet-Lite0's compile at 917 s, over the 15-minute bar
     learn_clip: bool | None = None
     #: below 8 bits, give each channel of a Relu/Clip output that depthwise convs read its own least-squares
     #: clipping threshold, by scaling the producer's rows and the reader's channels (scales stay 2^e).  Off by
@@ -181,7 +183,7 @@ class QuantConfig:
 
     @property
     def use_learn_clip(self) -> bool:
-        return self.learn_clip if self.learn_clip is not None else self.low_bit_acts
+        return self.learn_clip if self.learn_clip is not None else self.low_bit_acts and self.weight_bits >= 4
 
     @property
     def use_block_recon(self) -> bool:

@@ -103,6 +103,7 @@ def test_compile_with_learned_thresholds_passes_inspect_and_records_them():
     assert blocks.use_block_recon and blocks.use_learn_clip
     assert ptqc.QuantConfig(weight_bits=8, act_bits=4).use_learn_clip
     assert not ptqc.QuantConfig(weight_bits=4, act_bits=8).use_learn_clip
+    assert not ptqc.QuantConfig(weight_bits=2, act_bits=4).use_learn_clip
     assert ptqc.QuantConfig(weight_bits=8, act_bits=8, layer_bits={"conv": "w8a4"}).use_learn_clip
     inits = lambda m: {i.name for i in m.graph.initializer}
     assert any("_ch" in name for name in inits(on)) and not any("_ch" in name for name in inits(off))
