@@ -62,8 +62,8 @@ class QuantConfig:
     #: 57.0 / 51.9%; w4a4 with AdaRound and blocks (which learn against the same quantizers), bench top-1
     #: MobileNetV2 64.4 -> 64.6, MobileNetV1 62.0 -> 64.8, EfficientNet-Lite0 77.0 -> 77.4, +105-270 s (a
     #: first measurement, before the residual-stream scale and the 8-bit first-layer output, had 60.2 -> 59.0).
-    #: Off below 4-bit weights: at w2a4 it gained nothing (2.4 -> 5.0, 1.2 -> 2.0, 23.0 -> 20.6) and its
-    #: 250 s put EfficientNet-Lite0's compile at 917 s, over the 15-minute bar
+    #: Off below 4-bit weights: at w2a4 it gained nothing (the same three, 2.4 -> 5.0, 1.2 -> 2.0, 23.0 -> 20.6)
+    #: and its 250 s put EfficientNet-Lite0's compile at 917 s, over the 15-minute bar
     learn_clip: bool | None = None
     #: below 8 bits, give each channel of a Relu/Clip output that depthwise convs read its own least-squares
     #: clipping threshold, by scaling the producer's rows and the reader's channels (scales stay 2^e).  Off by
