@@ -1,25 +1,27 @@
-"""Per-channel clipping thresholds for low-bit Relu/Clip outputs that depthwise convs read.
+"""Per-channel clipping thresholds for low-bit Relu/Clip outputs that convolutions read.
 
 A per-tensor power-of-two grid gives every channel of an activation the same step.  MobileNet-style
-expansion outputs have channels whose ranges differ by 10x and more, so at 4 bits the small channels are
-rounded to a few codes, or to zero.  Relu and Clip(0, hi) are positively homogeneous: a channel can be
-multiplied by ``s_c > 0`` before the activation and divided by ``s_c`` in its reader.  For every unsigned
-fused activation below 8 bits whose producer is a weighted layer and whose readers are all depthwise convs,
+expansion and depthwise outputs have channels whose ranges differ by 10x and more, so at 4 bits the small
+channels are rounded to a few codes, or to zero.  Relu and Clip(0, hi) are positively homogeneous: a channel
+can be multiplied by ``s_c > 0`` before the activation and divided by ``s_c`` in its reader.  For every
+unsigned fused activation below 8 bits whose producer is a weighted layer and whose readers are all Convs,
 the pass guarantees:
 
-* each channel ``c`` has its own least-squared-error clipping threshold ``t_c`` (searched on a per-channel
-  histogram of the calibration data, at most the activation's own bound); the producer's row ``c`` and bias
-  are multiplied by ``s_c = T / t_c``, with ``T = qmax * 2^e`` the top of the tensor's power-of-two grid,
-  and each reader's channel ``c`` is divided by ``s_c``;
+* each channel ``c`` is clipped at its own threshold ``t_c`` in the float model's units: the producer's row
+  ``c`` and bias are multiplied by ``s_c = T / t_c``, with ``T = qmax * 2^e`` the top of the tensor's
+  power-of-two grid, and each reader's input channel ``c`` is divided by ``s_c``;
+* where depthwise convs are the only readers, ``t_c`` is the channel's least-squared-error threshold
+  (per-channel histogram of the calibration data, at most the activation's own bound).  Both weight
+  quantizers involved are per output channel, so the scaling is exact for them;
+* where a dense conv reads the tensor, ``t_c = t^(1 - a) * t_c'^a`` with ``t`` the per-tensor least-squares
+  threshold, ``t_c'`` the channel's own and ``a = DENSE_STRENGTH``: a dense reader's row mixes the scaled
+  columns in one grid, so a column divided by a large ``s_c`` loses its 4-bit codes.  Fully per channel
+  (``a = 1``) that cost EfficientNet-Lite0 w4a4 8 points of agreement in an early pipeline;
 * the tensor's exponent is fixed to ``e`` and its fused bound becomes ``T``: the quantizer's saturation at
-  ``T`` clips channel ``c`` at ``t_c <= hi`` in the float model's units, so a ReLU6's own bound is implied,
-  and every scale stays ``2^e``;
+  ``T`` clips channel ``c`` at ``t_c <= hi``, so a ReLU6's own bound is implied, and every scale stays
+  ``2^e``;
 * the per-channel means and the readers' second moments (GPTQ's ``H``) are rescaled to match, and the
   tensor's per-channel factor is recorded (``meta[ACT].rescale``) for the report.
-
-Both weight quantizers involved are per output channel, so the scaling is exact for them.  A dense reader
-would mix columns of different scales within one row's grid; with dense readers included, EfficientNet-Lite0
-w4a4 lost 8 points of top-1 agreement with FP32 on held-back images, so they are left out.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ptqc.annotations import ACT, MOMENT, WEIGHT, group_sizes
+from ptqc.annotations import ACT, HIST, MOMENT, WEIGHT, group_sizes
 from ptqc.data import Dataset
 from ptqc.passes.absorb_clip_range import saturate_at_top, scale_output_channels, scale_weights
 from ptqc.passes.calibrate import float_outputs
@@ -46,6 +48,9 @@ _PER_OCTAVE = 32
 _LOW, _HIGH = -20, 16
 #: at most this many positions per image and channel are binned (a regular stride)
 _POSITIONS = 1024
+#: how far towards its own threshold a channel moves when a dense conv reads the tensor (0: the per-tensor
+#: threshold, 1: the channel's own).  See the module docstring for the measurements behind 0.5
+DENSE_STRENGTH = 0.5
 
 
 def _bins() -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +103,9 @@ class ChannelHistogram:
 
 
 def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method: str) -> bool:
-    """Clip channel ``c`` of ``v`` (a fused unsigned activation that only depthwise convs read) at ``t[c]``: its
-    producer's row ``c`` times ``s_c = T / t_c`` and each reader's channel ``c`` divided by it, with ``T`` the
-    top of a power-of-two grid near the thresholds' geometric mean.  False (nothing done) if every ``t`` is 0."""
+    """Clip channel ``c`` of ``v`` (a fused unsigned activation that only Convs read) at ``t[c]``: its producer's
+    row ``c`` times ``s_c = T / t_c`` and each reader's input channel ``c`` divided by it, with ``T`` the top of
+    a power-of-two grid near the thresholds' geometric mean.  False (nothing done) if every ``t`` is 0."""
     act = v.meta[ACT]
     qmax = int_range(act.bits, False)[1]
     live = t > 0
@@ -113,11 +118,20 @@ def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method
     scale_output_channels(graph, producer, s, suffix="ch")
     producer.meta[WEIGHT].methods.append(method)
     for reader in {u.node for u in v.uses()}:
-        # a depthwise reader's channel c is its output channel c (axis 0)
-        scale_weights(graph, reader, channel_view(1.0 / s, len(const(reader.inputs[1]).shape), 0), suffix="ch")
-        if MOMENT in reader.meta and reader.meta[MOMENT].h is not None:
-            # ... and its H is one (taps x taps) block per channel
-            reader.meta[MOMENT].h = reader.meta[MOMENT].h * (s**2)[:, None, None]
+        w = const(reader.inputs[1])
+        h = reader.meta[MOMENT].h if MOMENT in reader.meta else None
+        if _depthwise(reader):
+            # a depthwise reader's channel c is its output channel c (axis 0), and its H one block per channel
+            scale_weights(graph, reader, channel_view(1.0 / s, w.ndim, 0), suffix="ch")
+            if h is not None:
+                reader.meta[MOMENT].h = h * (s**2)[:, None, None]
+        else:
+            # a dense reader's channel c is its input channel c (axis 1); H's rows are its im2col patches in
+            # the OIHW order (channel, then kernel taps)
+            scale_weights(graph, reader, channel_view(1.0 / s, w.ndim, 1), suffix="ch")
+            if h is not None:
+                sv = np.repeat(s, int(np.prod(w.shape[2:])))
+                reader.meta[MOMENT].h = h * np.outer(sv, sv)[None]
     saturate_at_top(graph, v, top, e, s)
     return True
 
@@ -125,6 +139,11 @@ def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method
 def depthwise_readers(v: ir.Value) -> bool:
     """Every reader of ``v`` is a depthwise conv (channel c of ``v`` reaches output channel c only)."""
     return bool(v.uses()) and all(_depthwise(u.node) for u in v.uses())
+
+
+def _dense(node: ir.Node) -> bool:
+    """A Conv with one group: every output channel reads every input channel."""
+    return node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1
 
 
 def _depthwise(node: ir.Node) -> bool:
@@ -136,7 +155,7 @@ def _depthwise(node: ir.Node) -> bool:
 
 
 class EqualizeChannelsPass(ir.passes.InPlacePass):
-    """Give each channel of low-bit Relu/Clip outputs that depthwise convs read its own clipping threshold."""
+    """Give each channel of low-bit Relu/Clip outputs that convs read its own clipping threshold."""
 
     def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 64):
         super().__init__()
@@ -161,8 +180,10 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
                 continue
             if v.shape is None or len(v.shape) < 2:
                 continue
-            if not all(_depthwise(u.node) for u in v.uses()):
+            if not all(_depthwise(u.node) or _dense(u.node) for u in v.uses()):
                 continue
+            if not depthwise_readers(v) and HIST not in v.meta:
+                continue  # no per-tensor threshold to start a dense reader's channels from
             out.append(v)
         return out
 
@@ -178,8 +199,15 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
                 if name not in hists:
                     hists[name] = ChannelHistogram(arr.shape[1])
                 hists[name].add(arr)
+        dense = 0
         for v in values:
             act = v.meta[ACT]
-            apply_channel_thresholds(graph, v, hists[v.name].best_clip(act.bits, act.clip_hi), "equalize_channels")
-        logger.info("gave %d activations per-channel clipping thresholds", len(values))
+            t = hists[v.name].best_clip(act.bits, act.clip_hi)
+            if not depthwise_readers(v):
+                dense += 1
+                whole = v.meta[HIST].best_clip(act.bits, False, upper=act.clip_hi)
+                t = np.where(t > 0, whole ** (1 - DENSE_STRENGTH) * np.where(t > 0, t, 1.0) ** DENSE_STRENGTH, whole)
+            apply_channel_thresholds(graph, v, t, "equalize_channels")
+        logger.info("gave %d activations per-channel clipping thresholds (%d read by dense convs, at strength %.2g)",
+                    len(values), dense, DENSE_STRENGTH)
         return ir.passes.PassResult(model, modified=True)

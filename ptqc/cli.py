@@ -145,9 +145,10 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--gptq/--no-gptq", default=None, help="GPTQ weight rounding on the power-of-two grids [default: on].")
 @click.option("--gptq-target", type=click.Choice(["float", "asym", "qdrop"]), default="float", show_default=True,
               help="What GPTQ fits: float-input statistics, or layer by layer from the quantized input (slower).")
-@click.option("--equalize-channels", is_flag=True,
-              help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that depthwise convs read, "
-                   "absorbed into the weights (see docs/benchmarks.md for where it helps).")
+@click.option("--equalize-channels/--no-equalize-channels", default=None,
+              help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that convs read (half-way "
+                   "from the per-tensor one where a dense conv reads), absorbed into the weights [default: on when "
+                   "some weights and activations are below 8 bits].")
 @click.option("--equalize-residual/--no-equalize-residual", default=None,
               help="Multiply each residual stream (the signed tensors residual Adds join) by the factor in [1, 2) "
                    "that best fits its power-of-two grids; exact (weights of its writers and readers) [default: on "

@@ -65,11 +65,18 @@ class QuantConfig:
     #: Off below 4-bit weights: at w2a4 it gained nothing (the same three, 2.4 -> 5.0, 1.2 -> 2.0, 23.0 -> 20.6)
     #: and its 250 s put EfficientNet-Lite0's compile at 917 s, over the 15-minute bar
     learn_clip: bool | None = None
-    #: below 8 bits, give each channel of a Relu/Clip output that depthwise convs read its own least-squares
-    #: clipping threshold, by scaling the producer's rows and the reader's channels (scales stay 2^e).  Off by
-    #: default: w4a4 top-1 agreement with FP32 on 744 held-back images MobileNetV2 23.4 -> 27.0%,
-    #: MobileNetV1 39.5 -> 43.1%, but EfficientNet-Lite0 64.2 -> 61.0%
-    equalize_channels: bool = False
+    #: below 8 bits, give each channel of a Relu/Clip output that convs read its own clipping threshold, by
+    #: scaling the producer's rows and the readers' channels (scales stay 2^e): the channel's least-squares
+    #: threshold where only depthwise convs read the tensor, half-way (geometrically) from the per-tensor one
+    #: where a dense conv does.  None = on when some weights and activations are below 8 bits (block
+    #: reconstruction runs).  w4a4, val500 top-1 / top-1 agreement with FP32 on 744 held-back images / logit
+    #: SNR / harness compile s, against learned thresholds alone: MobileNetV2 64.6 / 64.2% / 2.62 dB / 536 s ->
+    #: 64.6 / 65.5% / 2.76 dB / 264 s, MobileNetV1 64.8 / 64.2% / 5.43 dB / 313 s -> 68.8 / 65.9% / 5.80 dB /
+    #: 182 s, EfficientNet-Lite0 77.4 / 81.5% / 5.02 dB / 772 s -> 75.6 / 81.6% / 4.94 dB / 604 s (learned
+    #: thresholds then remain only for tensors this leaves).  Depthwise readers only: 65.4 / 65.1%, 66.8 / 65.9%,
+    #: 75.8 / 80.6%; dense readers at full strength, MobileNetV1 67.4 / 63.7%.  Off at 8-bit weights, where
+    #: learned per-channel thresholds measured better (MobileNetV2 w8a4 57.0 vs 49.0 top-1)
+    equalize_channels: bool | None = None
     #: multiply each residual stream (the signed tensors residual Adds join, between linear writers and
     #: readers) by the factor in [1, 2) that best fits its tensors' power-of-two grids; exact.  None = on with
     #: calibration data below 8-bit activations: w8a4 default pipeline (no blocks), val500 / held-out
@@ -182,6 +189,12 @@ class QuantConfig:
         return self.act_bits < 8 or any(layer_widths(b)[1] < 8 for b in self.layer_bits.values())
 
     @property
+    def use_equalize_channels(self) -> bool:
+        if self.equalize_channels is not None:
+            return self.equalize_channels
+        return self.low_bit_acts and self.low_bit_weights
+
+    @property
     def use_learn_clip(self) -> bool:
         return self.learn_clip if self.learn_clip is not None else self.low_bit_acts and self.weight_bits >= 4
 
@@ -211,6 +224,7 @@ class QuantConfig:
         out = {f"ptqc.config.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
         for key, resolved in (("gptq", self.use_gptq), ("adaround", self.use_adaround),
                               ("block_recon", self.use_block_recon), ("learn_clip", self.use_learn_clip),
+                              ("equalize_channels", self.use_equalize_channels),
                               ("equalize_residual", self.use_equalize_residual)):
             if getattr(self, key) is None:
                 out[f"ptqc.config.{key}"] = f"auto: {resolved}"

@@ -97,7 +97,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([EqualizeResidualStreamPass(data, config.batch_size)]
           if config.use_equalize_residual and data is not None else []),
         calibrate,
-        *([EqualizeChannelsPass(data, config.batch_size)] if config.equalize_channels and data is not None else []),
+        *([EqualizeChannelsPass(data, config.batch_size)] if config.use_equalize_channels and data is not None else []),
         *([LearnClipRangesPass(data, config.batch_size)]
           if config.use_learn_clip and config.absorb_clip and config.continuous_clip and data is not None else []),
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),

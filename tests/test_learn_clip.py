@@ -14,7 +14,9 @@ from ptqc.passes.learn_clip_ranges import LearnClipRangesPass, eligible
 from ptqc.passes.reconstruct_blocks import _float, find_blocks
 from ptqc.pipeline import build_passes
 
-CFG = ptqc.QuantConfig(weight_bits=4, act_bits=4, calib_size=32, adaround=False, block_recon=False)
+# per-channel thresholds by least squares (on by default with low-bit weights) would take these tensors first
+CFG = ptqc.QuantConfig(weight_bits=4, act_bits=4, calib_size=32, adaround=False, block_recon=False,
+                       equalize_channels=False)
 
 
 def _run_until(model, cfg, x, name):

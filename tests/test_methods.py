@@ -199,8 +199,9 @@ def test_per_channel_thresholds_follow_each_channels_range():
     assert err(small, t[1]) < 0.05 * err(small, t[0])
 
 
-def _uneven_channels_model():
-    """1x1 Conv -> Clip(0, 6) -> depthwise 3x3 Conv, with channel ranges that differ by up to 50x."""
+def _uneven_channels_model(dense: bool = False):
+    """1x1 Conv -> Clip(0, 6) -> depthwise 3x3 Conv (a dense 1x1 Conv with ``dense``), with channel ranges that
+    differ by up to 50x."""
     from graphs import Builder
 
     b = Builder(7)
@@ -209,7 +210,7 @@ def _uneven_channels_model():
     x = b.node("Conv", ["input", b.init("W", w.astype(np.float32)), b.init("B", np.full(8, 0.1, np.float32))],
                kernel_shape=[1, 1])
     x = b.node("Clip", [x, lo, hi])
-    b.conv(x, 8, 8, k=3, group=8)
+    b.conv(x, 8, 8, k=1, group=1) if dense else b.conv(x, 8, 8, k=3, group=8)
     b.nodes[-1].output[0] = "out"
     return b.model("input", "out", ["N", 3, 16, 16], ["N", 8, 16, 16])
 
@@ -237,6 +238,43 @@ def test_channel_equalization_lowers_the_depthwise_output_error_and_keeps_shift_
     rep = report.analyse(model, eq, ArrayData(test), samples=16)
     scaled = [t for t in rep.tensors.values() if not isinstance(t.fp_scale, float)]
     assert len(scaled) == 1 and scaled[0].sqnr_db > 15.0
+
+
+def test_per_channel_thresholds_are_on_by_default_where_blocks_learn_low_bit_weights():
+    assert ptqc.QuantConfig(weight_bits=4, act_bits=4).use_equalize_channels
+    assert ptqc.QuantConfig(weight_bits=2, act_bits=4).use_equalize_channels
+    assert ptqc.QuantConfig(weight_bits=8, act_bits=8, layer_bits={"conv": "w4a4"}).use_equalize_channels
+    assert not ptqc.QuantConfig(weight_bits=8, act_bits=4).use_equalize_channels  # learned thresholds there
+    assert not ptqc.QuantConfig(weight_bits=4, act_bits=8).use_equalize_channels
+    assert not ptqc.QuantConfig(weight_bits=4, act_bits=4, equalize_channels=False).use_equalize_channels
+    meta = ptqc.QuantConfig(weight_bits=4, act_bits=4).as_metadata()
+    assert meta["ptqc.config.equalize_channels"] == "auto: True"
+
+
+def _channel_factors(model) -> np.ndarray:
+    scales = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "ptqc.fp_scale"]
+    assert len(set(scales)) == 1
+    return np.array([float(f) for f in scales[0].split(",")])
+
+
+def test_a_dense_reader_moves_each_channel_half_way_to_its_own_threshold():
+    from ptqc.inspect import inspect_model
+
+    calib, test = inputs(64, seed=12), inputs(32, seed=13)
+    cfg = dict(weight_bits=8, act_bits=4, calib_size=64, first_last_8bit=False, learn_clip=False)
+    model = _uneven_channels_model(dense=True)
+    ref = run(model, test)[0]
+    plain = ptqc.compile(model, calib, ptqc.QuantConfig(**cfg)).model
+    eq = ptqc.compile(model, calib, ptqc.QuantConfig(**cfg, equalize_channels=True)).model
+    err = lambda m: float(((run(m, test)[0] - ref) ** 2).mean())  # noqa: E731
+    assert err(eq) < 0.85 * err(plain)  # measured 0.71
+    assert inspect_model(eq).ok
+    # the same tensor read by a depthwise conv gets each channel's own threshold; read by a dense conv, the
+    # geometric middle of that and the per-tensor one: the factors' log-spread is exactly half as wide
+    dw = ptqc.compile(_uneven_channels_model(), calib, ptqc.QuantConfig(**cfg, equalize_channels=True)).model
+    full, half = np.log(_channel_factors(dw)), np.log(_channel_factors(eq))
+    assert np.ptp(full) > 2.0  # thresholds 14x apart (measured)
+    np.testing.assert_allclose(half - half.mean(), 0.5 * (full - full.mean()), atol=1e-6)
 
 
 def test_adaround_gradient_matches_finite_differences():
