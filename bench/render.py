@@ -56,10 +56,11 @@ def main() -> None:
            "21.0 / 19.2 / 9.4 for MobileNetV2 / V1 / EfficientNet-Lite0) and block reconstruction's rounding",
            "term over the square root of each layer's size (docs/design.md); then all from a snapshot of b78114a,",
            "which also turns the residual-stream scale on under block reconstruction and runs the window",
-           "convolutions as 2-D products (block reconstruction about twice as fast); now the w4a4 rows from one of",
-           "8b0b0ef, which learns the clipping thresholds before the blocks too, and the w2a4 rows from one of",
-           "cf8f368, which leaves them off below 4-bit weights (on a machine about 1.4x slower than for b78114a:",
-           "MobileNetV2's Calibrate pass 13.8 -> 21.6 s). All with block reconstruction on and the academic tensor",
+           "convolutions as 2-D products (block reconstruction about twice as fast); then the w4a4 rows from 8b0b0ef,",
+           "which learns the clipping thresholds before the blocks too (on a machine about 1.4x slower than for",
+           "b78114a: MobileNetV2's Calibrate pass 13.8 -> 21.6 s); now all from a snapshot of 3b17e7d, which gives",
+           "the low-bit Relu/Clip outputs per-channel thresholds under block reconstruction, half-way where dense",
+           "convs read them (Calibrate pass 18.4 s). All with block reconstruction on and the academic tensor",
            "set: a conv output only a residual Add reads, and the last conv's output that pooling feeds to the",
            "classifier, at 8 bits (`--residual-bits`, docs/design.md). The ablation below has the earlier",
            "configurations without these methods; its `blocks` column is the previous default (every activation at",
@@ -222,22 +223,25 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
     order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "noblockclip",
-             "default", "equalize"]
+             "default", "channels", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
              "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
              "adaround": "+ AdaRound per layer (`--no-block-recon`, on the clip column)",
              "blocks": "+ block reconstruction (4-bit residual branch and last-conv output)",
              "everylayer": "the same with an 8-bit residual branch and last-conv output",
-             "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; the default below 4-bit weights)",
-             "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef; the default at 4-bit weights)",
+             "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; at w2a4 until 3b17e7d)",
+             "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
+             "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d; the default)",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
     for r in rows:
         variant = r.get("variant")
         passes = r.get("pass_seconds", {})
-        if variant == "default" and r.get("bits") != "w8a8" and "ReconstructBlocksPass" not in passes:
+        if variant == "default" and r.get("bits") != "w8a8" and "EqualizeChannelsPass" in passes:
+            variant = "channels"  # per-channel thresholds on by default under block reconstruction (3b17e7d)
+        elif variant == "default" and r.get("bits") != "w8a8" and "ReconstructBlocksPass" not in passes:
             # a main-run record from before block reconstruction (or before AdaRound) was the default
             variant = "adaround" if "AdaRoundLayersPass" in passes else "clip"
         elif variant == "default" and r.get("bits") != "w8a8" and "residual_bits" not in r:
@@ -253,7 +257,7 @@ def ablation(rows: list[dict]) -> list[str]:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
     keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells
-                                     if v not in ("default", "adaround", "blocks", "everylayer", "noblockclip")))
+                                     if v not in ("default", "channels", "adaround", "blocks", "everylayer", "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
@@ -266,7 +270,8 @@ def ablation(rows: list[dict]) -> list[str]:
            "left to the layers no block reconstructs (none, on these three models), the cheaper block pass, the",
            "first layer's output at 8 bits and the sharper rounding term (35f14c5) and the residual-stream scale",
            "(b78114a), then with learned thresholds before the blocks (8b0b0ef, on a machine about 1.4x slower;",
-           "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell). The equalize records",
+           "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell), then with per-channel thresholds",
+           "under block reconstruction (3b17e7d, the last column before the equalize one). The equalize records",
            "were measured before AdaRound became the default, so that column adds `--equalize-channels` to the clip",
            "column, not to the default.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
