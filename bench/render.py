@@ -265,7 +265,7 @@ def ablation(rows: list[dict]) -> list[str]:
            "--variants rtn bc absorb gptq --no-ort --no-latency` (run while a `ptqc sensitivity` job shared the",
            "machine, so its seconds are only indicative: EfficientNet's 184 s GPTQ cell is contention, the same",
            "compile took 22 s alone), `--bits w4a8 w4a4 w2a4 --variants clip` and `--bits w4a4 w2a4 --variants",
-           "equalize`. The last three default-column records are main runs: with AdaRound on every low-bit layer",
+           "equalize`. The columns from `blocks` to the 3b17e7d one hold main runs: with AdaRound on every low-bit layer",
            "before the blocks (EfficientNet's 1877 s w4a4 includes a CI run sharing the cores), then with AdaRound",
            "left to the layers no block reconstructs (none, on these three models), the cheaper block pass, the",
            "first layer's output at 8 bits and the sharper rounding term (35f14c5) and the residual-stream scale",
