@@ -121,18 +121,14 @@ def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method
     for reader in {u.node for u in v.uses()}:
         w = const(reader.inputs[1])
         h = reader.meta[MOMENT].h if MOMENT in reader.meta else None
-        if _depthwise(reader):
-            # a depthwise reader's channel c is its output channel c (axis 0), and its H one block per channel
-            scale_weights(graph, reader, channel_view(1.0 / s, w.ndim, 0), suffix="ch")
-            if h is not None:
-                reader.meta[MOMENT].h = h * (s**2)[:, None, None]
-        else:
-            # a dense reader's channel c is its input channel c (axis 1); H's rows are its im2col patches in
-            # the OIHW order (channel, then kernel taps)
-            scale_weights(graph, reader, channel_view(1.0 / s, w.ndim, 1), suffix="ch")
-            if h is not None:
-                sv = np.repeat(s, int(np.prod(w.shape[2:])))
-                reader.meta[MOMENT].h = h * np.outer(sv, sv)[None]
+        depthwise = _depthwise(reader)
+        # channel c is a depthwise reader's output channel c (axis 0), a dense reader's input channel c (axis 1)
+        scale_weights(graph, reader, channel_view(1.0 / s, w.ndim, 0 if depthwise else 1), suffix="ch")
+        if h is not None:
+            # a depthwise H is one (taps x taps) block per channel; a dense H's rows are the im2col patches in
+            # OIHW order (channel, then kernel taps)
+            sv = np.repeat(s, int(np.prod(w.shape[2:])))
+            reader.meta[MOMENT].h = h * ((s**2)[:, None, None] if depthwise else np.outer(sv, sv)[None])
     saturate_at_top(graph, v, top, e, s)
     return True
 
