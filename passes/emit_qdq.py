@@ -13,6 +13,10 @@ Guarantees after the pass:
 * A fused Relu/Clip node is removed; its effect is that saturation (exact, since rounding is monotone).
 * Graph input and output names are unchanged; logits stay float.
 * Each quantized node's ``doc_string`` and ``metadata_props`` give bit widths, exponents and shifts.
+* A tensor with an AQuant rounding border (``meta[ACT].border``) gets the border's ops between its float
+  value and its QuantizeLinear (``_border_nodes``; ``metadata_props["ptqc.role"] = "border"``): they put the
+  value exactly on its grid, so the QuantizeLinear only stores the code.  onnxruntime then runs that
+  tensor's producer in float.
 * With ``rounding="half-up"``, every requantization that shifts right gets an ``Add`` of half an accumulator
   LSB per channel before its QuantizeLinear (0 on channels that shift left): QuantizeLinear's round-half-even
   of ``acc + 1/2`` then never sees a tie and equals ``(acc + 2^(m-1)) >> m``, the shift hardware's rule.  It
@@ -30,6 +34,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from ptqc.annotations import ACT, WEIGHT, ActQuant
+from ptqc.borders import border_ops, border_table
 from ptqc.passes.fold_batchnorm import new_initializer
 from ptqc.quant import int_range
 
@@ -66,6 +71,31 @@ def accumulator_exps(v: ir.Value) -> np.ndarray | None:
         return node.inputs[0].meta[ACT].exp + np.asarray(node.meta[WEIGHT].exps, np.int64)
     exps = [i.meta[ACT].exp for i in node.inputs if i is not None and ACT in i.meta]
     return np.array([min(exps)], np.int64) if exps else None
+
+
+def _border_nodes(graph: ir.Graph, act: ActQuant, src: ir.Value, name: str, lo: int, hi: int) -> list[ir.Node]:
+    """AQuant's rounding border as ONNX ops (``ptqc.borders``), from the float tensor ``src`` to ``2^e * q``,
+    exactly on the grid, so the QuantizeLinear after it only stores the code."""
+    s = 2.0**act.exp
+    u_lo = lo if act.clip_lo is None else max(lo, act.clip_lo / s)
+    u_hi = hi if act.clip_hi is None else min(hi, act.clip_hi / s)
+    channels = act.border.shape[0]
+    rank = len(src.shape) if src.shape is not None else 4
+    prefix = f"{name}_border"
+    consts, ops = border_ops(prefix, src.name, act.exp, lo, hi, u_lo, u_hi, channels, rank, f"{prefix}_table")
+    consts[f"{prefix}_table"] = border_table(act.border, lo)
+    values = {src.name: src, **{k: new_initializer(graph, k, arr) for k, arr in consts.items()}}
+    nodes = []
+    for op in ops:
+        node = ir.node(op.op_type, [values[i] for i in op.inputs], attributes=op.attrs,
+                       name=f"{op.output}_{op.op_type}")
+        node.outputs[0].name = op.output
+        node.metadata_props["ptqc.role"] = "border"
+        node.metadata_props["ptqc.tensor"] = name
+        node.doc_string = "ptqc: AQuant rounding border (code k + 1[u >= k + B[c, k]])"
+        values[op.output] = node.outputs[0]
+        nodes.append(node)
+    return nodes
 
 
 class EmitQdqPass(ir.passes.InPlacePass):
@@ -106,6 +136,10 @@ class EmitQdqPass(ir.passes.InPlacePass):
         src = fused.inputs[0] if fused is not None else v
         new_nodes = []
         shift = None if acc_exp is None else acc_exp - act.exp
+        if act.border is not None:
+            # the border decides each rounding exactly (u >= k + B), so no half-up offset is needed
+            new_nodes = _border_nodes(graph, act, src, name, lo - zp, hi - zp)
+            shift = None
         if shift is not None and np.any(shift < 0):
             half = np.where(shift < 0, np.exp2((acc_exp - 1).astype(np.float64)), 0.0).astype(np.float32)
             rank = len(src.shape) if src.shape is not None else 0
@@ -119,7 +153,7 @@ class EmitQdqPass(ir.passes.InPlacePass):
             new_nodes.append(add)
             src_q = add.outputs[0]
         else:
-            src_q = src
+            src_q = new_nodes[-1].outputs[0] if new_nodes else src
         q = ir.node("QuantizeLinear", [src_q, scale, zero], name=f"{name}_QuantizeLinear")
         q.outputs[0].name = f"{name}_quantized"
         new_nodes.append(q)
@@ -161,7 +195,7 @@ class EmitQdqPass(ir.passes.InPlacePass):
             use.node.replace_input_with(use.idx, dq.outputs[0])
         if fused is not None:
             graph.remove(fused, safe=True)
-        return int(src_q is not src)
+        return int(src_q is not src and act.border is None)
 
     @staticmethod
     def _weights(graph: ir.Graph, node: ir.Node) -> None:
@@ -205,6 +239,18 @@ class EmitQdqPass(ir.passes.InPlacePass):
         uses = list(node.outputs[0].uses())
         if len(uses) == 1 and uses[0].node.metadata_props.get("ptqc.role") == "rounding":
             uses = list(uses[0].node.outputs[0].uses())
+        border = len(uses) == 1 and uses[0].node.metadata_props.get("ptqc.role") == "border"
+        seen = set()
+        while uses and any(u.node.metadata_props.get("ptqc.role") == "border" for u in uses):
+            # through a rounding border's ops to the QuantizeLinear after them
+            nxt = []
+            for u in uses:
+                if u.node.metadata_props.get("ptqc.role") == "border" and u.node not in seen:
+                    seen.add(u.node)
+                    nxt.extend(u.node.outputs[0].uses())
+                elif u.node.op_type == "QuantizeLinear":
+                    nxt.append(u)
+            uses = nxt
         for use in uses:
             if use.node.op_type == "QuantizeLinear":
                 out_exp = int(use.node.metadata_props["ptqc.exp"])
@@ -214,7 +260,8 @@ class EmitQdqPass(ir.passes.InPlacePass):
             lines.append("methods: " + ", ".join(wq.methods))
         if out_exp is not None and e_in is not None:
             shifts = int(e_in) + wq.exps - out_exp
-            lines.append(f"requant: acc * 2^({_fmt_range(shifts)}) -> output scale 2^{out_exp} (shift per channel)")
+            lines.append(f"requant: acc * 2^({_fmt_range(shifts)}) -> output scale 2^{out_exp} (shift per channel"
+                         + (", rounded at AQuant borders)" if border else ")"))
             props["ptqc.output_exp"] = str(out_exp)
             props["ptqc.requant_shift"] = " ".join(map(str, shifts))
         else:

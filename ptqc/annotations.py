@@ -55,6 +55,8 @@ class ActQuant:
     #: rescaling), or one factor per channel (equalize_channels); written to the QDQ file so that a report
     #: can compare against the float model
     rescale: float | np.ndarray = 1.0
+    #: AQuant's rounding border per channel and level (``quant.border_codes``), or None: round to nearest
+    border: np.ndarray | None = None
 
 
 @dataclasses.dataclass

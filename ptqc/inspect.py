@@ -77,6 +77,10 @@ def _rng(values) -> str:
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
+def _meta(node: onnx.NodeProto) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props}
+
+
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
@@ -97,6 +101,14 @@ class _Graph:
         self.types.update({i.name: i.data_type for i in g.initializer})
         self.value_info = {vi.name: vi for vi in ig.value_info}
         self._arrays: dict[str, np.ndarray] = {}
+        # AQuant rounding borders: ops between a tensor and its QuantizeLinear, tagged by the writer
+        self.border_tensor = {n.name: _meta(n).get("ptqc.tensor", "") for n in g.node
+                              if _meta(n).get("ptqc.role") == "border"}
+        self.border_q = {}
+        for n in g.node:
+            p = self.producer.get(n.input[0]) if n.op_type == "QuantizeLinear" and n.input else None
+            if p is not None and p.name in self.border_tensor:
+                self.border_q[self.border_tensor[p.name]] = n
 
     def array(self, name: str) -> np.ndarray | None:
         if name not in self.inits:
@@ -121,6 +133,9 @@ class _Graph:
 
     def q_after(self, name: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
+        for c in users:
+            if c.name in self.border_tensor:
+                return self.border_q.get(self.border_tensor[c.name])
         if len(users) == 1 and self.is_rounding_add(users[0]):
             name = users[0].output[0]
         for c in self.consumers.get(name, []):
@@ -221,6 +236,9 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             continue
         if g.is_rounding_add(n):
             extra["Add (half-up rounding offset)"] += 1
+            continue
+        if n.name in g.border_tensor:
+            extra[f"{n.op_type} (AQuant rounding border)"] += 1
             continue
         float_in = [i for i in n.input if i and g.array(i) is None and _is_float(model, g, i)]
         if not float_in or n.op_type in ("Shape", "Size"):

@@ -160,6 +160,11 @@ class _Lowering:
         self.rounding = meta.get("ptqc.rounding", meta.get("ptqc.config.rounding", "half-even"))
         if self.rounding not in ROUNDING:
             raise LoweringError(f"unknown rounding rule {self.rounding!r} in the model's metadata")
+        border = next((n for n in g.node if any(p.key == "ptqc.role" and p.value == "border" for p in n.metadata_props)),
+                      None)
+        if border is not None:
+            raise LoweringError(f"{border.name}: AQuant rounding borders (--act-borders) are not in the integer program "
+                                f"yet; compile without --act-borders to export or verify")
 
     # ---------------------------------------------------------------- helpers
     def const(self, name: str) -> np.ndarray | None:

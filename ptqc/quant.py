@@ -52,6 +52,20 @@ def fake_quantize(x: np.ndarray, e: np.ndarray | int, bits: int, signed: bool) -
     return quantize(x, e, bits, signed) * np.exp2(np.asarray(e, dtype=np.float64))
 
 
+#: an activation rounding border (AQuant) is a multiple of 1 / BORDER_STEPS in [0, 1]
+BORDER_STEPS = 32
+
+
+def border_codes(u: np.ndarray, border: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """AQuant's level-dependent rounding of ``u = x / 2^e`` (channels on axis 1) to codes in ``[lo, hi]``:
+    ``k + 1[u >= k + border[c, k - lo]]`` with ``k = clip(floor(u), lo, hi - 1)``.  A border of 0.5 everywhere
+    is round-half-up; ``border`` has one row per channel and one column per level ``lo .. hi - 1``."""
+    k = np.clip(np.floor(u), lo, hi - 1)
+    shape = (1, -1) + (1,) * (u.ndim - 2)
+    channel = np.broadcast_to(np.arange(border.shape[0]).reshape(shape), u.shape)
+    return (k + (u >= k + border[channel, (k - lo).astype(np.int64)])).astype(np.int64)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weights: one exponent per output channel, chosen by least squared error (not by rounding the max up).
 # ----------------------------------------------------------------------------------------------------------

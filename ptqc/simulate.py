@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from ptqc import runtime
 from ptqc.annotations import ACT, WEIGHT
+from ptqc.borders import border_ops, border_table
 from ptqc.passes.calibrate import float_session
 from ptqc.passes.emit_qdq import container
 from ptqc.quant import int_range
@@ -40,11 +41,16 @@ def planned_values(model: ir.Model) -> list[ir.Value]:
 
 
 def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_inputs: bool = False,
-          extra_outputs: list[str] | None = None, quantize_acts: bool = True, weight_inputs: bool = False) -> Simulation:
+          extra_outputs: list[str] | None = None, quantize_acts: bool = True, weight_inputs: bool = False,
+          border_inputs: list[str] | None = None) -> Simulation:
     """The fake-quantized float model.  ``quantize_weights`` may be a set of node names to quantize.
 
     ``weight_inputs`` turns every weighted layer's weight and bias into graph inputs (fed with
     :func:`weight_feed`), so one session can run any mix of float and quantized layers.
+
+    A tensor with a rounding border (``meta[ACT].border``) is rounded by it, with the writer's ops
+    (``ptqc.borders``).  ``border_inputs`` names tensors whose border thresholds are graph inputs instead,
+    ``<tensor>__border_table`` (fed with :func:`border_feed`; a border of 0.5 everywhere rounds to nearest).
     """
     proto = ir.serde.serialize_model(model)
     graph = proto.graph
@@ -87,6 +93,24 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
                 consumers.setdefault(inp, []).append(n)
         insert_after: dict[int, list[onnx.NodeProto]] = {}
         front: list[onnx.NodeProto] = []
+        border_nodes: dict[str, list[onnx.NodeProto]] = {}
+
+        def _border(v: ir.Value, fed) -> str:
+            """Add the border ops of ``v`` (after its fused activation) to ``border_nodes``; their output."""
+            act = v.meta[ACT]
+            zp, lo, hi = container(act)
+            lo, hi = lo - zp, hi - zp
+            prefix, channels = f"{v.name}__border", int(v.shape[1])
+            table = f"{prefix}_table"
+            consts, ops = border_ops(prefix, v.name, act.exp, lo, hi, lo, hi, channels, len(v.shape), table)
+            if v.name in fed:
+                graph.input.append(helper.make_tensor_value_info(table, onnx.TensorProto.FLOAT, [channels * (hi - lo)]))
+            else:
+                consts[table] = border_table(act.border, lo)
+            graph.initializer.extend(numpy_helper.from_array(arr, k) for k, arr in consts.items())
+            border_nodes[v.name] = [helper.make_node(op.op_type, op.inputs, [op.output], **op.attrs) for op in ops]
+            return ops[-1].output
+
         for v in planned_values(model):
             act = v.meta[ACT]
             name = v.name
@@ -99,7 +123,12 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             else:
                 graph.initializer.append(numpy_helper.from_array(np.array(2.0**act.exp, np.float32), s_name))
             graph.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), f"{name}__zp"))
-            nodes = [helper.make_node("QuantizeLinear", [name, s_name, f"{name}__zp"], [f"{name}__q"]),
+            q_in = name
+            if act.border is not None or name in (border_inputs or ()):
+                if scale_inputs:
+                    raise ValueError("rounding borders need fixed activation scales")
+                q_in = _border(v, border_inputs or ())
+            nodes = [helper.make_node("QuantizeLinear", [q_in, s_name, f"{name}__zp"], [f"{name}__q"]),
                      helper.make_node("DequantizeLinear", [f"{name}__q", s_name, f"{name}__zp"], [f"{name}__dq"])]
             qmin, qmax = int_range(act.bits, act.signed)
             lo_v, hi_v = f"{name}__lo", f"{name}__hi"
@@ -124,6 +153,7 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
                 s = 2.0**act.exp
                 graph.initializer.extend([numpy_helper.from_array(np.array((lo - zp) * s, np.float32), lo_v),
                                           numpy_helper.from_array(np.array((hi - zp) * s, np.float32), hi_v)])
+            nodes = [*border_nodes.pop(name, []), *nodes]
             nodes.append(helper.make_node("Clip", [f"{name}__dq", lo_v, hi_v], [f"{name}__sim"]))
             for user in users:
                 for i, inp in enumerate(user.input):
@@ -160,6 +190,20 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     proto.ir_version = min(max(proto.ir_version, 8), 10)
     return Simulation(proto, scale_names, input_name)
+
+
+def border_feed(model: ir.Model, names: list[str], borders: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Feeds for ``build(..., border_inputs=names)``: each tensor's thresholds from ``borders[name]`` (channels
+    x levels), or round to nearest (0.5) where it has none."""
+    feed = {}
+    values = {v.name: v for v in planned_values(model)}
+    for name in names:
+        zp, lo, hi = container(values[name].meta[ACT])
+        border = (borders or {}).get(name)
+        if border is None:
+            border = np.full((int(values[name].shape[1]), hi - lo), 0.5)
+        feed[f"{name}__border_table"] = border_table(border, lo - zp)
+    return feed
 
 
 def added_bias(node: ir.Node) -> str | None:

@@ -1,0 +1,67 @@
+"""AQuant's rounding border as ONNX ops: one op list that the writer (``emit_qdq``) and the simulation
+(``ptqc.simulate``) both build, so that the written model and the fitted one round alike.
+
+From a float tensor ``x`` with channels on axis 1 to ``2^e * q``, exactly on the grid::
+
+    u = clip(x / 2^e, u_lo, u_hi)                      # the fused Relu/Clip's bounds and the code range
+    k = clip(floor(u), lo, hi - 1)
+    q = k + (u >= table[c * levels + k - lo])          # table = k + B[c, k], one threshold per (channel, level)
+
+``ptqc.quant.border_codes`` is the same rule in numpy.  Every step is exact in float32: ``2^e`` is a power of
+two and each threshold is an integer plus a multiple of ``1 / BORDER_STEPS``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BorderOp", "border_ops", "border_table"]
+
+import dataclasses
+
+import numpy as np
+import onnx
+
+
+@dataclasses.dataclass
+class BorderOp:
+    op_type: str
+    inputs: list[str]
+    output: str
+    attrs: dict
+
+
+def border_table(border: np.ndarray, lo: int) -> np.ndarray:
+    """The thresholds ``k + B[c, k]``, flattened channel by channel (levels ``lo .. lo + levels - 1``)."""
+    border = np.asarray(border, np.float64)
+    return (border + np.arange(lo, lo + border.shape[1])[None, :]).reshape(-1).astype(np.float32)
+
+
+def border_ops(prefix: str, x: str, exp: int, lo: int, hi: int, u_lo: float, u_hi: float, channels: int,
+               rank: int, table: str) -> tuple[dict[str, np.ndarray], list[BorderOp]]:
+    """Constants (name -> array) and ops, in order, computing ``2^exp * q`` from ``x`` into ``<prefix>_value``;
+    ``table`` names the thresholds (a constant or a graph input, of length ``channels * (hi - lo)``)."""
+    s = 2.0**exp
+    levels = hi - lo
+    consts = {
+        f"{prefix}_inv_scale": np.array(1.0 / s, np.float32),
+        f"{prefix}_scale": np.array(s, np.float32),
+        f"{prefix}_u_lo": np.array(u_lo, np.float32),
+        f"{prefix}_u_hi": np.array(u_hi, np.float32),
+        f"{prefix}_k_lo": np.array(lo, np.float32),
+        f"{prefix}_k_hi": np.array(hi - 1, np.float32),
+        f"{prefix}_offset": (np.arange(channels, dtype=np.int64) * levels - lo).reshape((1, channels) + (1,) * (rank - 2)),
+    }
+    p = prefix
+    ops = [
+        BorderOp("Mul", [x, f"{p}_inv_scale"], f"{p}_u0", {}),
+        BorderOp("Clip", [f"{p}_u0", f"{p}_u_lo", f"{p}_u_hi"], f"{p}_u", {}),
+        BorderOp("Floor", [f"{p}_u"], f"{p}_floor", {}),
+        BorderOp("Clip", [f"{p}_floor", f"{p}_k_lo", f"{p}_k_hi"], f"{p}_k", {}),
+        BorderOp("Cast", [f"{p}_k"], f"{p}_k64", {"to": onnx.TensorProto.INT64}),
+        BorderOp("Add", [f"{p}_k64", f"{p}_offset"], f"{p}_cell", {}),
+        BorderOp("Gather", [table, f"{p}_cell"], f"{p}_threshold", {"axis": 0}),
+        BorderOp("GreaterOrEqual", [f"{p}_u", f"{p}_threshold"], f"{p}_up", {}),
+        BorderOp("Cast", [f"{p}_up"], f"{p}_up_f", {"to": onnx.TensorProto.FLOAT}),
+        BorderOp("Add", [f"{p}_k", f"{p}_up_f"], f"{p}_code", {}),
+        BorderOp("Mul", [f"{p}_code", f"{p}_scale"], f"{p}_value", {}),
+    ]
+    return consts, ops
