@@ -170,6 +170,9 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
+@click.option("--act-borders", is_flag=True,
+              help="AQuant: a rounding border per channel and level for activations below 8 bits, fitted to the float "
+                   "model's values; written as explicit ops (ptqc inspect counts them; export-int refuses them).")
 @click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
               help="How requantizing shifts round: half-even (QuantizeLinear's rule) or half-up (add 2^(m-1), "
                    "shift), which costs one Add per requantizing op.")
@@ -178,7 +181,7 @@ def main(quiet: bool, verbose: bool) -> None:
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, equalize_residual, learn_clip, adaround,
-            adaround_iters, block_recon, block_iters, act_search, rounding, preset, size, mean, std):
+            adaround_iters, block_recon, block_iters, act_search, act_borders, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand
@@ -198,7 +201,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
              "learn_clip": learn_clip,
              "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
-             "act_search": act_search, "rounding": rounding,
+             "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}

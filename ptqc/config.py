@@ -51,6 +51,11 @@ class QuantConfig:
     #: agreement with FP32 (16.3% -> 10.9%) and cost 150 s.
     act_search: bool = False
     search_samples: int = 64
+    #: AQuant: a rounding border per channel and integer level for every activation below 8 bits, fitted to
+    #: the float model's values on ``border_samples`` images and written as explicit ops (``ptqc inspect``
+    #: counts them).  Off by default: MobileNetV2 w4a4 held-out agreement 65.5% -> 58.3% (docs/design.md)
+    act_borders: bool = False
+    border_samples: int = 64
     #: below 8 bits, give Relu/Clip outputs between weighted layers a least-squares *continuous* clipping
     #: threshold, by the same weight rescaling (scales stay 2^e).  MobileNetV2 w4a4: top-1 agreement with
     #: FP32 16.3% -> 21.6%; EfficientNet-Lite0 61.8% -> 62.2%

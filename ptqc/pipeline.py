@@ -29,6 +29,7 @@ from ptqc.passes.equalize_channels import EqualizeChannelsPass
 from ptqc.passes.equalize_residual_stream import EqualizeResidualStreamPass
 from ptqc.passes.fold_batchnorm import FoldBatchNormPass
 from ptqc.passes.gap_to_sum import GapToSumPass
+from ptqc.passes.learn_act_borders import LearnActBordersPass
 from ptqc.passes.learn_clip_ranges import LearnClipRangesPass
 from ptqc.passes.gptq_rounding import GptqRoundingPass
 from ptqc.passes.legalize_scales import LegalizeScalesPass
@@ -112,6 +113,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
           if config.use_block_recon else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
+        *([LearnActBordersPass(data, config.batch_size, config.border_samples)]
+          if config.act_borders and data is not None else []),
         EmitQdqPass(config.rounding),
     ]
 
@@ -119,9 +122,10 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
 def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
-    if config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon or config.learn_clip:
-        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon and --learn-clip need "
-                        "calibration data; pass --calib")
+    if (config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon or config.learn_clip
+            or config.act_borders):
+        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon, --learn-clip and "
+                        "--act-borders need calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
     return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False, learn_clip=False)
