@@ -21,7 +21,13 @@ It runs before calibration, so histograms, means and second moments are measured
 
 Scaling channel by channel instead (each channel to the widest channel's range, the cross-layer equalization
 recipe) was tried: MobileNetV2 w8a4 val500 43.4 -> 42.2, so the readers' weight grids lose what the
-activation grid gains.
+activation grid gains.  So was moving each channel part of the way from the stream's least-squares
+threshold ``t`` to its own ``t_c`` (factor ``(t / t_c)^a``, as ``equalize_channels`` does for dense
+readers, and the two linear conv-to-conv tensors outside any stream treated as streams of one), in the
+full w4a4 pipeline: MobileNetV2 top-1 agreement with FP32 on 744 held-back images 65.5%
+without, 65.3% at ``a = 0.5``, 64.5% at ``a = 1`` (logit SNR 2.76, 2.79, 2.62 dB).  The signed tensors are
+near-symmetric, too: a zero point (any of the 16 offsets, per tensor) would raise their power-of-two SQNR
+by 0.06 dB on average (MobileNetV2, 17 tensors, 15.1-18.5 dB).
 """
 
 from __future__ import annotations
