@@ -14,9 +14,9 @@ For every planned activation below 8 bits with a channel axis, the pass guarante
 
 * ``meta[ACT].border`` holds ``B`` (channels x levels), each a multiple of ``1 / BORDER_STEPS`` in [0, 1]
   (see ``ptqc.quant.border_codes``), or stays None where no border lowers the error;
-* each ``B[c, k]`` minimises the squared error ``sum (q - y / 2^e)^2`` over the calibration elements of
-  channel ``c`` whose level is ``k``, with ``x~`` from one run of the quantized model (``ptqc.simulate``)
-  and ``y`` from the float model on the same images.  Changing ``B[c, k]`` moves only those elements
+* each ``B[c, k]`` minimises the squared error ``sum (q - y / 2^e)^2`` (``y / 2^e`` clipped to the code
+  range) over the calibration elements of channel ``c`` whose level is ``k``, with ``x~`` from the quantized
+  model (``ptqc.simulate``) and ``y`` from the float model on the same images.  Changing ``B[c, k]`` moves only those elements
   between codes ``k`` and ``k + 1``, so the minimum is exact over the ``BORDER_STEPS + 1`` candidates; the
   next layer's loss with its second moment cut to its diagonal has the same minimiser per channel;
 * a (channel, level) seen fewer than ``MIN_COUNT`` times keeps 0.5, and so does one whose best border does
@@ -32,8 +32,8 @@ It runs last, after the exponents are final (``legalize_scales``), and is off by
 objective but not the network's error once reconstruction has run.  MobileNetV2 w4a4 (val500 top-1 /
 top-1 agreement with FP32 on 744 held-back images / logit SNR): 64.6 / 65.5% / 2.76 dB without borders,
 60.2 / 58.3% / 2.30 dB with them (summed relative error of the 50 tensors 0.0552 -> 0.0509, +306 s);
-MobileNetV1 68.8 / 65.9% / 5.80 dB -> 66.8 / 65.2% / 5.22 dB.  Fitted
-before AdaRound instead, with block reconstruction rounding at the borders: 58.8 / 53.5% / 2.31 dB.  The
+MobileNetV1 68.8 / 65.9% / 5.80 dB -> 66.8 / 65.2% / 5.22 dB.  Fitted before AdaRound instead, with block
+reconstruction rounding at the borders, MobileNetV2 scored 58.8 / 53.5% / 2.31 dB.  The
 layers after a tensor were fitted to its round-to-nearest errors, and a border that pulls each value
 towards its float expectation also narrows the tensor's spread.  AQuant learns the border inside block
 reconstruction on the block's output loss, jointly with the weight rounding; that is not built.

@@ -7,7 +7,9 @@ This works on the written ONNX file alone (no ptqc metadata is trusted for the v
 * a layer's bias scale must equal input scale x weight scale (the accumulator scale);
 * each integer op's requantization ``s_in * s_w / s_out`` (or ``s_in / s_out``) must be ``2^k``;
 * GlobalAveragePool/AveragePool divide by the window area: a shift only when that area is a power of two;
-* a float op between a DequantizeLinear and a QuantizeLinear is a float island: not a shift.
+* a float op between a DequantizeLinear and a QuantizeLinear is a float island: not a shift;
+* ops a ptqc file tags as an AQuant rounding border are accepted as declared extra ops only if they are the
+  border's exact op chain (``ptqc.borders``), scale by the QuantizeLinear's own 2^e and end in it.
 
 Float ops after the last quantized layer that only lead to graph outputs (the logits) are allowed.
 """
@@ -186,6 +188,35 @@ def _code_bits(g: _Graph, dq: onnx.NodeProto) -> tuple[int, int, int]:
     return bits, lo, hi
 
 
+_BORDER_CHAIN = ("Mul", "Clip", "Floor", "Clip", "Cast", "Add", "Gather", "GreaterOrEqual", "Cast", "Add", "Mul")
+
+
+def _border_problems(g: _Graph) -> list[str]:
+    """Why the ops tagged as rounding borders are not ``ptqc.borders``' chain (empty when every one is): the op
+    sequence, its data flow (the code is an integer level plus a 0/1 comparison), and the value scaled by the
+    QuantizeLinear's own power-of-two scale, its inverse first."""
+    problems = []
+    groups: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.nodes:
+        if n.name in g.border_tensor:
+            groups[g.border_tensor[n.name]].append(n)
+    for tensor, ops in groups.items():
+        q = g.border_q.get(tensor)
+        if tuple(n.op_type for n in ops) != _BORDER_CHAIN or q is None or q.input[0] != ops[-1].output[0]:
+            problems.append(f"{tensor}: ops tagged as a rounding border are not the border's op chain")
+            continue
+        scale, inv, s_out = g.array(q.input[1]), g.array(ops[0].input[1]), g.array(ops[-1].input[1])
+        flow = (ops[1].input[0] == ops[0].output[0] and ops[2].input[0] == ops[1].output[0]
+                and ops[3].input[0] == ops[2].output[0] and ops[4].input[0] == ops[3].output[0]
+                and ops[7].input[0] == ops[1].output[0] and ops[8].input[0] == ops[7].output[0]
+                and sorted(ops[9].input) == sorted([ops[3].output[0], ops[8].output[0]])
+                and ops[10].input[0] == ops[9].output[0])
+        if not flow or scale is None or inv is None or s_out is None or not is_pow2(scale) \
+                or float(s_out) != float(scale) or float(inv) * float(scale) != 1.0:
+            problems.append(f"{tensor}: rounding border does not put the value on its QuantizeLinear's 2^e grid")
+    return problems
+
+
 def inspect_model(model: onnx.ModelProto) -> Report:
     g = _Graph(model)
     problems: list[str] = []
@@ -282,6 +313,7 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             float_ops.append(f"{n.name} ({n.op_type}): no integer semantics in ptqc")
             row.note = "FLOAT op"
         rows.append(row)
+    problems += _border_problems(g)
     return Report(rows, problems, non_shift, float_ops, dict(extra))
 
 

@@ -175,3 +175,17 @@ def test_report_follows_the_border_to_the_output_quantizer():
     for lay in layers:
         assert lay.output_bits == 4 and lay.shifts and np.isfinite(lay.sqnr_db) and np.isfinite(lay.sqnr_alone_db)
 
+
+
+def test_inspect_rejects_a_tagged_chain_that_is_not_a_border():
+    q = ptqc.compile(mobilenet_like(), inputs(64), CFG).model
+    assert inspect_model(q).ok
+    scale = next(n for n in q.graph.node if n.op_type == "Mul" and n.output[0].endswith("_border_value"))
+    for init in q.graph.initializer:
+        if init.name == scale.input[1]:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
+    report = inspect_model(q)
+    assert not report.ok and any("rounding border" in p for p in report.problems)
+    floor = next(n for n in q.graph.node if n.op_type == "Floor")
+    floor.op_type = "Round"  # same tag, another op: no longer the border's chain
+    assert any("not the border's op chain" in p for p in inspect_model(q).problems)
