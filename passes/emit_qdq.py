@@ -34,7 +34,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from ptqc.annotations import ACT, WEIGHT, ActQuant
-from ptqc.borders import border_ops, border_table
+from ptqc.borders import border_ops, border_prefix, border_table
 from ptqc.passes.fold_batchnorm import new_initializer
 from ptqc.quant import int_range
 
@@ -81,7 +81,7 @@ def _border_nodes(graph: ir.Graph, act: ActQuant, src: ir.Value, name: str, lo: 
     u_hi = hi if act.clip_hi is None else min(hi, act.clip_hi / s)
     channels = act.border.shape[0]
     rank = len(src.shape) if src.shape is not None else 4
-    prefix = f"{name}_border"
+    prefix = border_prefix(name)
     consts, ops = border_ops(prefix, src.name, act.exp, lo, hi, u_lo, u_hi, channels, rank, f"{prefix}_table")
     consts[f"{prefix}_table"] = border_table(act.border, lo)
     values = {src.name: src, **{k: new_initializer(graph, k, arr) for k, arr in consts.items()}}

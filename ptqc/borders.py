@@ -13,12 +13,29 @@ two and each threshold is an integer plus a multiple of ``1 / BORDER_STEPS``.
 
 from __future__ import annotations
 
-__all__ = ["BorderOp", "border_ops", "border_table"]
+__all__ = ["BorderOp", "border_ops", "border_prefix", "border_table", "border_tensor", "border_value"]
 
 import dataclasses
 
 import numpy as np
 import onnx
+
+
+def border_prefix(tensor: str) -> str:
+    """The name prefix of ``tensor``'s border ops, constants and outputs in a written model."""
+    return f"{tensor}_border"
+
+
+def border_value(tensor: str) -> str:
+    """The border chain's last output (``2^e * q``), which the tensor's QuantizeLinear reads."""
+    return f"{border_prefix(tensor)}_value"
+
+
+def border_tensor(node: onnx.NodeProto) -> str | None:
+    """The tensor whose rounding border ``node`` belongs to (the writer tags each op with
+    ``ptqc.role = border`` and ``ptqc.tensor``), or None for any other node."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    return meta.get("ptqc.tensor", "") if meta.get("ptqc.role") == "border" else None
 
 
 @dataclasses.dataclass
@@ -37,7 +54,8 @@ def border_table(border: np.ndarray, lo: int) -> np.ndarray:
 
 def border_ops(prefix: str, x: str, exp: int, lo: int, hi: int, u_lo: float, u_hi: float, channels: int,
                rank: int, table: str) -> tuple[dict[str, np.ndarray], list[BorderOp]]:
-    """Constants (name -> array) and ops, in order, computing ``2^exp * q`` from ``x`` into ``<prefix>_value``;
+    """Constants (name -> array) and ops, in order, computing ``2^exp * q`` from ``x`` into ``<prefix>_value``
+    (``border_value`` when ``prefix`` is ``border_prefix``);
     ``table`` names the thresholds (a constant or a graph input, of length ``channels * (hi - lo)``)."""
     s = 2.0**exp
     levels = hi - lo

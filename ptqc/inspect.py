@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ptqc.borders import border_tensor
 from ptqc.quant import exponent_of, is_pow2
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -79,10 +80,6 @@ def _rng(values) -> str:
     return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
-def _meta(node: onnx.NodeProto) -> dict[str, str]:
-    return {p.key: p.value for p in node.metadata_props}
-
-
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
@@ -104,8 +101,7 @@ class _Graph:
         self.value_info = {vi.name: vi for vi in ig.value_info}
         self._arrays: dict[str, np.ndarray] = {}
         # AQuant rounding borders: ops between a tensor and its QuantizeLinear, tagged by the writer
-        self.border_tensor = {n.name: _meta(n).get("ptqc.tensor", "") for n in g.node
-                              if _meta(n).get("ptqc.role") == "border"}
+        self.border_tensor = {n.name: t for n in g.node if (t := border_tensor(n)) is not None}
         self.border_q = {}
         for n in g.node:
             p = self.producer.get(n.input[0]) if n.op_type == "QuantizeLinear" and n.input else None

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ptqc.borders import border_tensor
 from ptqc.errors import PtqcError
 from ptqc.quant import exponent_of, is_pow2
 
@@ -160,8 +161,7 @@ class _Lowering:
         self.rounding = meta.get("ptqc.rounding", meta.get("ptqc.config.rounding", "half-even"))
         if self.rounding not in ROUNDING:
             raise LoweringError(f"unknown rounding rule {self.rounding!r} in the model's metadata")
-        border = next((n for n in g.node if any(p.key == "ptqc.role" and p.value == "border" for p in n.metadata_props)),
-                      None)
+        border = next((n for n in g.node if border_tensor(n) is not None), None)
         if border is not None:
             raise LoweringError(f"{border.name}: AQuant rounding borders (--act-borders) are not in the integer program "
                                 f"yet; compile without --act-borders to export or verify")

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from ptqc import progress, runtime
+from ptqc.borders import border_tensor, border_value
 from ptqc.data import Dataset
 from ptqc.errors import PtqcError
 
@@ -194,19 +195,14 @@ def read_layers(q: onnx.ModelProto, tensors: dict[str, TensorStats]) -> list[Lay
     return layers
 
 
-def _border_output(node: onnx.NodeProto) -> str:
-    """The last output of the rounding border ``node`` belongs to (``ptqc.borders``: ``<tensor>_border_value``)."""
-    return f"{_meta(node)['ptqc.tensor']}_border_value"
-
-
 def _output_quantizer(layer: onnx.NodeProto, consumers) -> tuple[str, onnx.NodeProto | None]:
     """(tensor name, DequantizeLinear) of the quantizer a layer writes, or (its float output, None)."""
     out = layer.output[0]
     seen = out
     while True:
         users = consumers.get(seen, [])
-        if len(users) == 1 and _meta(users[0]).get("ptqc.role") == "border":
-            seen = _border_output(users[0])  # the rounding border's ops end in front of the QuantizeLinear
+        if len(users) == 1 and (tensor := border_tensor(users[0])) is not None:
+            seen = border_value(tensor)  # the rounding border's ops end in front of the QuantizeLinear
             continue
         if len(users) != 1 or users[0].op_type not in ("Add", "QuantizeLinear", "Clip", "DequantizeLinear"):
             return out, None
@@ -303,13 +299,12 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
         i = 0
         while True:
             user = consumers[out][0]
-            if _meta(user).get("ptqc.role") == "border":
+            tensor = border_tensor(user)
+            if tensor is not None:
                 # copy the border's ops (a small DAG) with this branch's names
-                tensor = _meta(user)["ptqc.tensor"]
                 rename = {out: prev}
                 for b in q.graph.node:
-                    meta = _meta(b)
-                    if meta.get("ptqc.role") != "border" or meta.get("ptqc.tensor") != tensor:
+                    if border_tensor(b) != tensor:
                         continue
                     m = onnx.NodeProto()
                     m.CopyFrom(b)
@@ -318,7 +313,7 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
                     m.output[:] = [tag + x for x in b.output]
                     rename[b.output[0]] = m.output[0]
                     nodes.append(m)
-                out = _border_output(user)
+                out = border_value(tensor)
                 prev = rename[out]
                 continue
             m = onnx.NodeProto()
