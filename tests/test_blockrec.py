@@ -114,6 +114,36 @@ def test_block_reconstruction_lowers_the_block_output_error_and_keeps_shift_only
     assert inspect_model(to_proto(irm)).ok
 
 
+def test_at_w8a4_block_reconstruction_learns_the_8bit_layers_against_the_4bit_activations():
+    """With no weight below 8 bits there is no low-bit layer to learn, but the 4-bit activations are still there:
+    by default the blocks then learn their 8-bit layers (floor/ceil of the 8-bit grid, and the biases)."""
+    cfg = ptqc.QuantConfig(weight_bits=8, act_bits=4, calib_size=32, block_iters=200, block_samples=32)
+    assert cfg.use_block_recon and cfg.block_recon_8bit and cfg.use_equalize_channels
+    assert not ptqc.QuantConfig(weight_bits=8, act_bits=8).use_block_recon
+    assert not ptqc.QuantConfig(weight_bits=4, act_bits=4).block_recon_8bit
+    off = ptqc.QuantConfig(weight_bits=8, act_bits=4, block_recon=False)
+    assert not off.use_equalize_channels  # the earlier w8a4 default: learned thresholds, no blocks
+    assert not cfg.for_trials().use_block_recon
+
+    irm = loader.load(mobilenet_like())
+    passes = build_passes(cfg, ArrayData(inputs(32, seed=21)))
+    blocks = next(p for p in passes if type(p).__name__ == "ReconstructBlocksPass")
+    assert blocks.learn_8bit
+    split = passes.index(blocks) + 1
+    for p in passes[:split]:
+        p(irm)
+    before, after = irm.graph.meta["ptqc.block_loss"]
+    assert after < 0.99 * before
+    changed = [n for n in irm.graph if WEIGHT in n.meta and "block-recon" in n.meta[WEIGHT].methods]
+    # 8-bit layers, and the first layer on its pair-safe 7-bit grid (which blocks learned at w4a4 already)
+    assert any(n.meta[WEIGHT].bits == 8 for n in changed) and all(n.meta[WEIGHT].bits >= 7 for n in changed)
+    for n in changed:
+        wq = n.meta[WEIGHT]
+        qmin, qmax = -(2 ** (wq.bits - 1)), 2 ** (wq.bits - 1) - 1
+        ratio = _float(n)[0] / np.exp2(wq.exps.astype(np.float64)).reshape(-1, 1, 1, 1)
+        assert np.all((wq.q == np.clip(np.floor(ratio), qmin, qmax)) | (wq.q == np.clip(np.floor(ratio) + 1, qmin, qmax)))
+
+
 def test_a_shape_computation_kept_alive_to_the_end_does_not_hide_the_cuts():
     """A dynamic-batch Reshape (Shape of the input -> Gather -> Concat -> Reshape), as exported EfficientNets
     have, keeps integer shape data live through the whole graph; the blocks are still found."""
