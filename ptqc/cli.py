@@ -147,8 +147,8 @@ def main(quiet: bool, verbose: bool) -> None:
               help="What GPTQ fits: float-input statistics, or layer by layer from the quantized input (slower).")
 @click.option("--equalize-channels/--no-equalize-channels", default=None,
               help="Below 8 bits, a per-channel clipping threshold for Relu/Clip outputs that convs read (half-way "
-                   "from the per-tensor one where a dense conv reads), absorbed into the weights [default: on when "
-                   "some weights and activations are below 8 bits].")
+                   "from the per-tensor one where a dense conv reads), absorbed into the weights [default: on below "
+                   "8-bit activations when block reconstruction runs].")
 @click.option("--equalize-residual/--no-equalize-residual", default=None,
               help="Multiply each residual stream (the signed tensors residual Adds join) by the factor in [1, 2) "
                    "that best fits its power-of-two grids; exact (weights of its writers and readers) [default: on "
@@ -166,7 +166,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--block-recon/--no-block-recon", default=None,
               help="After AdaRound, learn the rounding of each block's low-bit layers together against the block's "
                    "output, with its activation quantizers in the loop (BRECQ/QDrop-style, numpy) "
-                   "[default: on when any weights are below 8 bits].")
+                   "[default: on when any weights or activations are below 8 bits; with every weight at 8 bits it "
+                   "learns the 8-bit layers].")
 @click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
