@@ -3,12 +3,13 @@
 The graph is cut into blocks (``ptqc.blockrec``): single-input, single-output runs of Conv/Relu/Clip/Add
 that end after a dense Conv (or a residual Add) once they hold at least two Convs, i.e. the inverted residual
 blocks of MobileNetV2/EfficientNet and the depthwise-pointwise pairs of MobileNetV1.  Runs with any other op
-are left alone.  In topological order, for each block with a layer below 8 bits, the pass guarantees:
+are left alone.  In topological order, for each block with a layer below 8 bits (with ``learn_8bit``, with
+any quantized layer), the pass guarantees:
 
 * the block's input comes from a simulation in which every activation is quantized and every earlier layer
   has its final integer weights and bias; the target is the float model's block output at the same positions
   (read off onnxruntime's float run, not recomputed on the windows);
-* the codes of its low-bit layers stay at the floor or the ceiling of ``W/s`` on their power-of-two grids and
+* the codes of the layers it learns stay at the floor or the ceiling of ``W/s`` on their power-of-two grids and
   are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
   activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
   input is a 50/50 mix of quantized and float);
