@@ -13,7 +13,7 @@ two and each threshold is an integer plus a multiple of ``1 / BORDER_STEPS``.
 
 from __future__ import annotations
 
-__all__ = ["BorderOp", "border_ops", "border_prefix", "border_table", "border_tensor", "border_value"]
+__all__ = ["BorderOp", "border_chain", "border_ops", "border_prefix", "border_table", "border_tensor", "border_value"]
 
 import dataclasses
 
@@ -83,3 +83,11 @@ def border_ops(prefix: str, x: str, exp: int, lo: int, hi: int, u_lo: float, u_h
         BorderOp("Mul", [f"{p}_code", f"{p}_scale"], f"{p}_value", {}),
     ]
     return consts, ops
+
+
+def border_chain() -> list[tuple[str, list[int | None]]]:
+    """The shape of :func:`border_ops`' chain, for checking a written one: each op's type, and for each of its
+    inputs the index of the earlier op whose output it reads (None for the tensor and the constants)."""
+    _, ops = border_ops("p", "x", 0, 0, 2, 0.0, 2.0, 1, 4, "table")
+    index = {op.output: i for i, op in enumerate(ops)}
+    return [(op.op_type, [index.get(x) for x in op.inputs]) for op in ops]

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ptqc.borders import border_tensor
+from ptqc.borders import border_chain, border_tensor
 from ptqc.quant import exponent_of, is_pow2
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -184,7 +184,19 @@ def _code_bits(g: _Graph, dq: onnx.NodeProto) -> tuple[int, int, int]:
     return bits, lo, hi
 
 
-_BORDER_CHAIN = ("Mul", "Clip", "Floor", "Clip", "Cast", "Add", "Gather", "GreaterOrEqual", "Cast", "Add", "Mul")
+_BORDER_CHAIN = border_chain()
+
+
+def _border_wired(ops: list[onnx.NodeProto]) -> bool:
+    """The tagged ops read each other's outputs as ``ptqc.borders``' chain does (an Add in either order)."""
+    index = {n.output[0]: i for i, n in enumerate(ops)}
+    for n, (op_type, refs) in zip(ops, _BORDER_CHAIN):
+        got = [index.get(x) for x in n.input]
+        if op_type == "Add":
+            got, refs = sorted(got, key=str), sorted(refs, key=str)
+        if got != refs:
+            return False
+    return True
 
 
 def _border_problems(g: _Graph) -> list[str]:
@@ -198,16 +210,11 @@ def _border_problems(g: _Graph) -> list[str]:
             groups[g.border_tensor[n.name]].append(n)
     for tensor, ops in groups.items():
         q = g.border_q.get(tensor)
-        if tuple(n.op_type for n in ops) != _BORDER_CHAIN or q is None or q.input[0] != ops[-1].output[0]:
+        if [n.op_type for n in ops] != [t for t, _ in _BORDER_CHAIN] or q is None or q.input[0] != ops[-1].output[0]:
             problems.append(f"{tensor}: ops tagged as a rounding border are not the border's op chain")
             continue
         scale, inv, s_out = g.array(q.input[1]), g.array(ops[0].input[1]), g.array(ops[-1].input[1])
-        flow = (ops[1].input[0] == ops[0].output[0] and ops[2].input[0] == ops[1].output[0]
-                and ops[3].input[0] == ops[2].output[0] and ops[4].input[0] == ops[3].output[0]
-                and ops[7].input[0] == ops[1].output[0] and ops[8].input[0] == ops[7].output[0]
-                and sorted(ops[9].input) == sorted([ops[3].output[0], ops[8].output[0]])
-                and ops[10].input[0] == ops[9].output[0])
-        if not flow or scale is None or inv is None or s_out is None or not is_pow2(scale) \
+        if not _border_wired(ops) or scale is None or inv is None or s_out is None or not is_pow2(scale) \
                 or float(s_out) != float(scale) or float(inv) * float(scale) != 1.0:
             problems.append(f"{tensor}: rounding border does not put the value on its QuantizeLinear's 2^e grid")
     return problems
