@@ -46,9 +46,7 @@ def main() -> None:
            "of a separate process doing only the compile (image decoding included, for both tools).",
            "Where a configuration was measured twice, the later record is shown. The w8a8 and onnxruntime rows",
            "come from one run (GPTQ at every width, pair-safe first layer, statistics reduced inside the",
-           "onnxruntime graph). The w4a8, w3a3 and 1024-image w4a4 rows come from a later run with AdaRound",
-           "on by default below 8-bit weights, before block reconstruction (`--bits w4a8 w4a4 w2a4 w3a3 --no-ort`,",
-           "then `--bits w4a4 --calib-size 1024 --no-latency`), and with every activation at the activation width.",
+           "onnxruntime graph).",
            "The fp32, w4a4 and w2a4 rows (256 images) come from the latest runs (`--bits w2a4 w4a4 --no-ort",
            "--no-latency`, each compile alone on the machine) on installed snapshots, first of 35f14c5: AdaRound left",
            "to the layers no block reconstructs, the cheaper block pass, the first layer's output at 8 bits like",
@@ -66,7 +64,12 @@ def main() -> None:
            "configurations without these methods; its `blocks` column is the previous default (every activation at",
            "the activation width). The w8a4 rows come from a snapshot of 6326ea5 (`--bits w8a4 --no-ort",
            "--no-latency`), where block reconstruction runs at 8-bit weights too and learns the 8-bit layers",
-           "against the 4-bit activations (before it, w8a4 ran without blocks: docs/design.md).", ""]
+           "against the 4-bit activations (before it, w8a4 ran without blocks: docs/design.md). The w4a8, w3a3",
+           "and 1024-image w4a4 rows come from a snapshot of fc0a462, which takes the same path as 3b17e7d at",
+           "those widths (`--bits w4a8 w3a3 --no-ort`, then `--bits w4a4 --calib-size 1024 --no-ort",
+           "--no-latency`, each compile alone). The 1024-image runs build the activation histograms (exponents,",
+           "least-squares thresholds) from all 1000 images of the calibration split; every later pass reads only",
+           "the first 64-128 of them, as at 256 images.", ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
     for model in models:
@@ -243,6 +246,9 @@ def ablation(rows: list[dict]) -> list[str]:
         passes = r.get("pass_seconds", {})
         if variant == "default" and r.get("bits") != "w8a8" and "EqualizeChannelsPass" in passes:
             variant = "channels"  # per-channel thresholds on by default under block reconstruction (3b17e7d)
+        elif variant == "default" and r.get("bits", "").endswith("a8") and r["bits"] != "w8a8" \
+                and "ReconstructBlocksPass" in passes:
+            variant = "channels"  # at 8-bit activations the threshold methods do not apply: the default there
         elif variant == "default" and r.get("bits") != "w8a8" and "ReconstructBlocksPass" not in passes:
             # a main-run record from before block reconstruction (or before AdaRound) was the default
             variant = "adaround" if "AdaRoundLayersPass" in passes else "clip"
@@ -273,7 +279,8 @@ def ablation(rows: list[dict]) -> list[str]:
            "first layer's output at 8 bits and the sharper rounding term (35f14c5) and the residual-stream scale",
            "(b78114a), then with learned thresholds before the blocks (8b0b0ef, on a machine about 1.4x slower;",
            "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell), then with per-channel thresholds",
-           "under block reconstruction (3b17e7d, the last column before the equalize one). The equalize records",
+           "under block reconstruction (3b17e7d, the last column before the equalize one; its w4a8 and w3a3 cells",
+           "are from fc0a462, and at w4a8 the two threshold methods do not apply). The equalize records",
            "were measured before AdaRound became the default, so that column adds `--equalize-channels` to the clip",
            "column, not to the default.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
