@@ -122,7 +122,8 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the per-layer error report, one self-contained HTML file.")
 @click.option("--report-samples", type=int, default=32, show_default=True,
-              help="Calibration samples the report measures on.")
+              help="Samples the report measures on: those after the --calib-size calibration samples in --calib "
+                   "(held out), or its first ones when it has no more.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="TOML file of settings (QuantConfig fields, bits = \"w4a4\", and a [layers] table); "
                    "command-line options win.")
@@ -247,19 +248,18 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
     click.echo(f"wrote {output} ({config.tag}, power-of-two, {samples}, "
                f"{result.timings['total']:.1f} s, {size_mb:.1f} MB)")
     if report_path:
-        _write_report(model, result.model, calib, pre, report_samples, report_path)
+        _write_report(model, result.model, calib, pre, report_samples, report_path, result.calib_samples)
 
 
-def _write_report(model, quantized, calib, pre, samples, path) -> None:
+def _write_report(model, quantized, calib, pre, samples, path, skip: int) -> None:
     from ptqc import report, report_html
-    from ptqc.data import open_dataset
 
-    data = open_dataset(calib, pre, limit=samples)
-    rep = report.analyse(model, quantized, data, samples=samples)
+    data, measured_on = report.measurement_data(calib, pre, samples, skip)
+    rep = report.analyse(model, quantized, data, samples=samples, measured_on=measured_on)
     report_html.write(rep, path)
     worst = ", ".join(f"{layer.name} {layer.sqnr_alone_db:.1f} dB" for layer in rep.worst_layers(3))
     click.echo(f"wrote {path} (logit SNR {rep.logit_snr_db:.1f} dB, top-1 agreement {rep.agreement:.1f}% on "
-               f"{rep.samples} samples; worst layers alone: {worst})")
+               f"{measured_on}; worst layers alone: {worst})")
 
 
 @main.command(name="inspect")
@@ -400,29 +400,39 @@ def sensitivity(model, calib, shorthand, calib_size, eval_size, labels, top, as_
 @click.option("--calib", required=True, help="Images folder or .npy/.npz to measure on.")
 @click.option("-o", "--output", default=None, help="HTML file [default: <quantized>.report.html].")
 @click.option("--samples", type=int, default=32, show_default=True, help="Samples to measure on.")
+@click.option("--skip", type=int, default=None,
+              help="Leave out the first N samples of --calib when it has more [default: the number QUANTIZED was "
+                   "calibrated on, from its metadata, so that the same folder gives held-out samples: the fitted "
+                   "passes make calibration samples look better than unseen ones].")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON instead of writing HTML.")
 @_preprocess_options
 @_fail_cleanly
-def report_cmd(model, quantized, calib, output, samples, as_json, preset, size, mean, std):
+def report_cmd(model, quantized, calib, output, samples, skip, as_json, preset, size, mean, std):
     """Per-layer error of QUANTIZED (a ptqc QDQ model) against MODEL (its float source), as one HTML page.
 
     Per layer: bits, exponents, shifts, methods, SQNR alone and accumulated, clipping ratio, and the split of
     each activation quantizer's error into rounding and clipping; figures and advice on what to try.
     """
     from ptqc import report
-    from ptqc.data import open_dataset
+    from ptqc.loader import read_model
     from ptqc.writer import check_writable
 
     pre = _make_pre(preset, size, mean, std)
+    if skip is None:
+        meta = {p.key: p.value for p in read_model(quantized).metadata_props}
+        skip = int(meta.get("ptqc.calib_samples", "0") or 0)
+    if skip < 0:
+        raise PtqcError(f"--skip must be at least 0, got {skip}")
     if as_json:
-        rep = report.analyse(model, quantized, open_dataset(calib, pre, limit=samples), samples=samples)
+        data, measured_on = report.measurement_data(calib, pre, samples, skip)
+        rep = report.analyse(model, quantized, data, samples=samples, measured_on=measured_on)
         click.echo(json.dumps(rep.as_dict(), indent=1, default=float))
         return
     if output is None:
         base = quantized[:-5] if quantized.endswith(".onnx") else quantized
         output = f"{base}.report.html"
     check_writable(output)
-    _write_report(model, quantized, calib, pre, samples, output)
+    _write_report(model, quantized, calib, pre, samples, output, skip)
 
 
 @main.command(name="export-int")

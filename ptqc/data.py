@@ -9,6 +9,7 @@ image can be read is refused.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -113,6 +114,10 @@ class Dataset:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
+    def after(self, skip: int) -> Dataset:
+        """The same source without its first ``skip`` samples (an empty source if it has no more)."""
+        raise NotImplementedError
+
     def head(self, samples: int, batch_size: int) -> Iterator[np.ndarray]:
         """The first ``samples`` samples (or all, if fewer), in batches of ``batch_size``."""
         seen = 0
@@ -138,6 +143,11 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def after(self, skip: int) -> ImageFolder:
+        rest = copy.copy(self)
+        rest.files = self.files[skip:]
+        return rest
 
     def sample_shape(self) -> tuple[int, ...]:
         return (3, self.pre.size, self.pre.size)
@@ -204,6 +214,11 @@ class ArrayData(Dataset):
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
+
+    def after(self, skip: int) -> ArrayData:
+        rest = copy.copy(self)
+        rest.array = self.array[skip:]
+        return rest
 
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape[1:])

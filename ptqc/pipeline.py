@@ -184,6 +184,9 @@ def compile(
         from ptqc import report
 
         begin = time.perf_counter()
-        result.report = report.analyse(model, proto, data, samples=report_samples)
+        n = min(report_samples, len(data))
+        result.report = report.analyse(model, proto, data, samples=report_samples, measured_on=(
+            f"the first {n} of the {samples} calibration samples: the model was fitted to them, so the figures "
+            "are better than on unseen data (ptqc.report.measurement_data gives held-out samples)"))
         timings["report"] = time.perf_counter() - begin
     return result

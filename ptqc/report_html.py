@@ -158,12 +158,13 @@ def render(report: Report, worst: int = 4) -> str:
         precision += ("<p>Kept float, so not integer-only (absent from the layer table): "
                       + ", ".join(f"<code>{esc(name)}</code>" for name in report.kept_float) + ".</p>")
     worst_list = ", ".join(f"<code>{esc(layer.name)}</code> ({_db(layer.sqnr_alone_db)} dB)" for layer in worst_layers)
+    measured_on = report.measured_on or f"{report.samples} samples"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>ptqc report: {esc(str(report.quantized))}</title><style>{_CSS}</style></head>
 <body data-rendered="pending">
 <h1>ptqc report</h1>
-<div class="sub">{esc(str(report.quantized))} against {esc(str(report.model))}, {report.samples} samples</div>
+<div class="sub">{esc(str(report.quantized))} against {esc(str(report.model))}, {esc(measured_on)}</div>
 <div class="cards">
 <div class="card">bit widths<b>{bits}</b></div>
 <div class="card">logit SNR<b>{_db(report.logit_snr_db)} dB</b></div>

@@ -1,6 +1,7 @@
 """The per-layer report: its numbers recomputed by hand on a small graph, the HTML page, and the CLI."""
 
 import base64
+import json
 import math
 import os
 import re
@@ -197,6 +198,40 @@ def test_report_cli(tmp_path):
     assert os.path.exists(tmp_path / "m.ptqc.report.html")
     res = runner.invoke(main, ["report", str(model), str(model), "--calib", str(data)])
     assert res.exit_code == 2 and "no ptqc quantizers" in res.output
+
+
+def test_report_measures_on_the_samples_after_the_calibration_ones(tmp_path):
+    x = inputs(40, size=16, seed=6)
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    held, text = report.measurement_data(str(data), None, 8, 24)
+    np.testing.assert_array_equal(np.concatenate(list(held.batches(64))), x[24:32])
+    assert text.startswith("8 held-out samples (after the first 24")
+    first, text = report.measurement_data(str(data), None, 8, 40)  # nothing after the calibration samples
+    np.testing.assert_array_equal(np.concatenate(list(first.batches(64))), x[:8])
+    assert "the 40 the model was calibrated on" in text
+
+    model, out = tmp_path / "m.onnx", tmp_path / "m.ptqc.onnx"
+    onnx.save(resnet_like(), str(model))
+    runner = CliRunner()
+    res = runner.invoke(main, ["compile", str(model), "--calib", str(data), "--w4a4", "--calib-size", "24",
+                               "-o", str(out), "--report", str(tmp_path / "c.html"), "--report-samples", "8"])
+    assert res.exit_code == 0, res.output
+    assert "on 8 held-out samples (after the first 24" in res.output
+    assert "8 held-out samples (after the first 24" in (tmp_path / "c.html").read_text()
+    # ptqc report skips what the model's metadata says it was calibrated on: the same numbers as x[24:32]
+    expected = report.analyse(str(model), str(out), ArrayData(x[24:32]), samples=8)
+    res = runner.invoke(main, ["report", str(model), str(out), "--calib", str(data), "--samples", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output[res.output.index("{"):])
+    assert got["measured_on"].startswith("8 held-out samples")
+    assert got["logit_snr_db"] == expected.logit_snr_db and got["agreement"] == expected.agreement
+    first8 = report.analyse(str(model), str(out), ArrayData(x[:8]), samples=8)
+    res = runner.invoke(main, ["report", str(model), str(out), "--calib", str(data), "--samples", "8", "--json",
+                               "--skip", "0"])
+    got = json.loads(res.output[res.output.index("{"):])
+    assert got["measured_on"] == "the first 8 samples" and got["logit_snr_db"] == first8.logit_snr_db
+    assert first8.logit_snr_db != expected.logit_snr_db
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
