@@ -8,7 +8,9 @@ any quantized layer), the pass guarantees:
 
 * the block's input comes from a simulation in which every activation is quantized and every earlier layer
   has its final integer weights and bias; the target is the float model's block output at the same positions
-  (read off onnxruntime's float run, not recomputed on the windows);
+  (read off onnxruntime's float run, not recomputed on the windows).  Both are moved from block to block by
+  running only the part of the network in between (``simulate.CutInputs``), so each image goes through each
+  model about once in the whole pass;
 * the codes of the layers it learns stay at the floor or the ceiling of ``W/s`` on their power-of-two grids and
   are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
   activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
@@ -143,26 +145,27 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        work = reconstructed_blocks(graph, self.learn_8bit)
-        blocks, heads = [b for b, _ in work], [h for _, h in work]
+        blocks = [b for b, _ in reconstructed_blocks(graph, self.learn_8bit)]
         if not blocks:
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
-        # the float session also gives each block's output, read off at the windows as the target
-        paired = simulate.LayerInputs(model, heads, quantized, quantized=True,
-                                      float_outputs=[b.output for b in blocks])
-        batches = list(self.data.head(self.samples, self.batch_size))
+        # the inputs of every block, quantized and float, for all the images; moved from block to block
+        stream = simulate.CutInputs(model, quantized, quantized=True,
+                                    batches=list(self.data.head(self.samples, self.batch_size)))
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
-        for block, head in progress.steps(list(zip(blocks, heads)), "block reconstruction", unit="block"):
+        for block in progress.steps(blocks, "block reconstruction", unit="block"):
             prog = Program(block, self.out)
+            stream.advance(block.input)
+            # the float model's block output, read off at the windows, is the target
+            targets = stream.floats([block.output])
             parts = []
             # at most WINDOWS_PER_IMAGE from one image: its windows overlap, so more add little
-            per_batch = -(-self.windows // len(batches))
-            for batch in batches:
-                x_q, x_f, y_f = paired.pair(head, batch, also=(block.output,))
+            per_batch = -(-self.windows // len(stream.batches))
+            for x_q, x_f, (y_f,) in zip(stream.x_q, stream.x_f, targets):
                 parts.append(sample_windows(block, prog.win, x_q, x_f,
-                                            min(per_batch, WINDOWS_PER_IMAGE * len(batch)), rng, y_f))
+                                            min(per_batch, WINDOWS_PER_IMAGE * len(x_q)), rng, y_f))
+            del targets
             data = Windows(np.concatenate([p.x_q for p in parts]), np.concatenate([p.x_f for p in parts]),
                            {k: np.concatenate([p.masks[k] for p in parts]) for k in parts[0].masks},
                            np.concatenate([p.y_f for p in parts]))
@@ -191,7 +194,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
                     if res.after < res.before:
                         wq.methods.append("block-recon")
                 if n.meta[WEIGHT].q is not None:
-                    paired.fix(n)
+                    stream.fix(n)
         logger.info("block reconstruction on %d blocks: summed output error %.4g -> %.4g", len(blocks), before, after)
         model.graph.meta["ptqc.block_loss"] = (before, after)
         return ir.passes.PassResult(model, modified=True)

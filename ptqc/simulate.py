@@ -249,35 +249,135 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
 class LayerInputs:
     """Paired inputs of weighted layers, for passes that fix layers one at a time in order: what ``layer`` reads
     in the simulated quantized model (weights fed as inputs, so layers fixed so far count with their integer
-    weights and corrected bias) and in the float model; and the float model's ``float_outputs``.
+    weights and corrected bias) and in the float model.
 
     ``fed`` are the layers whose weights the simulation is fed, starting float or quantized; :meth:`fix` then
     switches one layer to its current integer weights and bias.  Both sessions run without onnxruntime's arena:
     with many intermediate tensors exposed, an arena's peak memory grows with every run.
     """
 
-    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool,
-                 float_outputs: list[str] = ()):
+    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool):
         graph = model.graph
         self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
         inputs = sorted({n.inputs[0].name for n in layers})
         sim = build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
         self._q = runtime.make_session(sim.proto, arena=False, what="the simulated model")
-        self._fp = float_session(model, sorted({n for n in inputs if n != self.input_name} | set(float_outputs)))
+        self._fp = float_session(model, sorted(n for n in inputs if n != self.input_name))
         self.weights: dict[str, np.ndarray] = {}
         for node in fed:
             self.weights.update(layer_arrays(node, quantized=quantized))
 
-    def pair(self, layer: ir.Node, batch: np.ndarray, also: tuple[str, ...] = ()) -> tuple[np.ndarray, ...]:
-        """(quantized, float) input of ``layer`` for one batch of model inputs, followed by the float model's
-        tensors ``also`` (of ``float_outputs``), all from one float run."""
+    def pair(self, layer: ir.Node, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(quantized, float) input of ``layer`` for one batch of model inputs."""
         name = layer.inputs[0].name
         x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{name}__sim"])[0]
-        own = [] if name == self.input_name else [name]
-        got = runtime.run(self._fp, {self.input_name: batch}, own + list(also)) if own or also else []
-        return (x_q, got[0] if own else batch, *got[len(own):])
+        x_f = batch if name == self.input_name else runtime.run(self._fp, {self.input_name: batch}, [name])[0]
+        return x_q, x_f
 
     def fix(self, layer: ir.Node) -> None:
         """From now on the simulation computes ``layer`` with its integer weights and current bias."""
         self.weights.update(layer_arrays(layer, quantized=True))
 
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name the subgraphs of ``node`` (If/Loop bodies) read: an over-approximation of their outer reads."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in g.node:
+                names.update(inner.input)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def cut_model(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The part of ``proto`` that computes ``outputs`` once the values ``inputs`` are given, as a model whose
+    inputs are ``inputs`` followed by whatever graph inputs of ``proto`` that part still reads (fed weights;
+    the data input itself when some path to ``outputs`` goes around ``inputs``).  Nodes keep their order."""
+    graph = proto.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    stop, needed, stack = set(inputs), set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in stop or name not in producer or producer[name] in needed:
+            continue
+        node = graph.node[producer[name]]
+        needed.add(producer[name])
+        stack.extend(i for i in node.input if i)
+        stack.extend(_subgraph_reads(node))
+    nodes = [n for i, n in enumerate(graph.node) if i in needed]
+    reads = {i for n in nodes for i in n.input} | set().union(*map(_subgraph_reads, nodes)) | set(outputs)
+    declared = {v.name: v for v in graph.input}
+    new_inputs = [declared.get(name) or helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                  for name in inputs]
+    inits = [t for t in graph.initializer if t.name in reads]
+    init_names = {t.name for t in inits}
+    new_inputs += [v for v in graph.input if v.name in reads and v.name not in stop and v.name not in init_names]
+    sub = helper.make_graph(nodes, f"{graph.name}_cut", new_inputs,
+                            [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs], inits)
+    model = helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    model.functions.extend(proto.functions)
+    return model
+
+
+class CutInputs:
+    """The simulated-quantized and float values of one tensor for a fixed list of batches, moved forward through
+    the network from tensor to tensor, for passes that fix layers in topological order (block reconstruction).
+
+    Like :class:`LayerInputs`, the simulation computes the layers in ``fed`` with the weights fed to it (float
+    or quantized, then :meth:`fix` switches one to its integer weights and bias), so what a tensor's readers see
+    accounts for every layer fixed before it moved there.  Each :meth:`advance` runs only the part of the
+    network between the current tensor and the next (:func:`cut_model`), so over a whole pass each batch goes
+    through each model about once, where :class:`LayerInputs` runs the whole network per visited layer.  When
+    the next tensor is a cut (every path from the input passes through it), the next step needs nothing else;
+    otherwise the part also recomputes from the data input, which is kept, and the values stay exact.
+
+    Memory: the values of the current tensor (quantized and float) for every batch, plus the batches.
+    """
+
+    def __init__(self, model: ir.Model, fed: list[ir.Node], quantized: bool, batches: list[np.ndarray]):
+        graph = model.graph
+        self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
+        self._sim = build(model, weight_inputs=True).proto
+        self._float = ir.serde.serialize_model(model)
+        self.weights: dict[str, np.ndarray] = {}
+        for node in fed:
+            self.weights.update(layer_arrays(node, quantized=quantized))
+        self.batches = [np.ascontiguousarray(b, np.float32) for b in batches]
+        #: the tensor the values are of; its quantized values are the simulation's ``<name>__sim``
+        self.name = self.input_name
+        self._q_name = self.input_name  # the graph input itself before the first advance
+        self.x_q: list[np.ndarray] = list(self.batches)
+        self.x_f: list[np.ndarray] = list(self.batches)
+
+    def _run(self, proto: onnx.ModelProto, start: str, values: list[np.ndarray], outputs: list[str],
+             what: str) -> list[list[np.ndarray]]:
+        session = runtime.make_session(cut_model(proto, [start], outputs), arena=False, what=what)
+        wanted = {i.name for i in session.get_inputs()}
+        weights = {k: v for k, v in self.weights.items() if k in wanted}
+        got = []
+        for x, raw in zip(values, self.batches):
+            feed = {start: x, **weights}
+            if self.input_name in wanted:
+                feed[self.input_name] = raw
+            got.append(runtime.run(session, feed, outputs))
+        return got
+
+    def advance(self, name: str) -> None:
+        """Move to tensor ``name`` (the current one or one after it): its quantized value is what its readers
+        see in the simulation, with every layer fixed so far."""
+        q_name = f"{name}__sim"
+        if q_name != self._q_name:
+            self.x_q = [r[0] for r in self._run(self._sim, self._q_name, self.x_q, [q_name], "a part of the simulated model")]
+        if name != self.name:
+            self.x_f = [r[0] for r in self._run(self._float, self.name, self.x_f, [name], "a part of the float model")]
+        self.name, self._q_name = name, q_name
+
+    def floats(self, names: list[str]) -> list[list[np.ndarray]]:
+        """The float model's values of ``names`` (tensors after the current one), per batch."""
+        return self._run(self._float, self.name, self.x_f, names, "a part of the float model")
+
+    def fix(self, layer: ir.Node) -> None:
+        """From the next :meth:`advance` on, the simulation computes ``layer`` with its integer weights and bias."""
+        self.weights.update(layer_arrays(layer, quantized=True))

@@ -1,14 +1,16 @@
-"""The float simulation of the quantized model agrees with the emitted QDQ graph."""
+"""The float simulation of the quantized model agrees with the emitted QDQ graph, and its parts with the whole."""
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 import ptqc
 from graphs import inputs, mobilenet_like, resnet_like, strided_residual
 from ptqc import loader
+from ptqc.annotations import WEIGHT
 from ptqc.data import ArrayData
 from ptqc.pipeline import build_passes
-from ptqc.simulate import build, scale_feed
+from ptqc.simulate import CutInputs, LayerInputs, build, cut_model, scale_feed
 
 
 def _annotated(model, cfg, calib):
@@ -45,3 +47,54 @@ def test_simulation_matches_the_emitted_model():
         name = next(iter(sim.scale_inputs))
         other = _run(sim.proto, {"input": x, **scale_feed(irm, sim, {name: -12})})
         assert not np.allclose(other, ref)
+
+
+def _before_blocks(model, cfg, calib):
+    """The annotated IR model as block reconstruction receives it."""
+    irm = loader.load(model)
+    for p in build_passes(cfg, ArrayData(calib)):
+        if type(p).__name__ == "ReconstructBlocksPass":
+            break
+        p(irm)
+    return irm
+
+
+def test_cut_inputs_match_whole_network_runs_while_layers_are_fixed():
+    # every layer in order, including ones inside a residual block (not cuts: the skip is live there, so the
+    # part after them also reads the data input), fixing each layer as a reconstruction pass would
+    for model, size in ((mobilenet_like(), 16), (strided_residual(), 15)):
+        cfg = ptqc.QuantConfig(4, 4, calib_size=16, adaround=False)
+        irm = _before_blocks(model, cfg, inputs(16, size=size, seed=1))
+        layers = [n for n in irm.graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
+        batches = [inputs(8, size=size, seed=2), inputs(5, size=size, seed=3)]
+        whole = LayerInputs(irm, layers, layers, quantized=False)
+        cut = CutInputs(irm, layers, quantized=False, batches=batches)
+        for layer in layers:
+            cut.advance(layer.inputs[0].name)
+            for b, x_q, x_f in zip(batches, cut.x_q, cut.x_f):
+                ref_q, ref_f = whole.pair(layer, b)
+                np.testing.assert_allclose(x_q, ref_q, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(x_f, ref_f, rtol=1e-6, atol=1e-6)
+            whole.fix(layer)
+            cut.fix(layer)
+        # fixing changed what later layers read: the last layer's quantized input is not the float one's
+        assert not np.allclose(cut.x_q[0], cut.x_f[0], atol=1e-3)
+
+
+def test_a_part_between_two_cuts_reads_only_the_first():
+    proto = ir.serde.serialize_model(loader.load(mobilenet_like()))
+    add = next(n for n in proto.graph.node if n.op_type == "Add")
+    first_clip = next(n for n in proto.graph.node if n.op_type == "Clip")
+    # the residual block: from the stem's Clip output to the Add
+    part = cut_model(proto, [first_clip.output[0]], [add.output[0]])
+    assert [i.name for i in part.graph.input] == [first_clip.output[0]]
+    assert [n.op_type for n in part.graph.node] == ["Conv", "Clip", "Conv", "Add"]
+    x = inputs(4)
+    stem = _run(cut_model(proto, ["input"], [first_clip.output[0]]), {"input": x})
+    got = _run(part, {first_clip.output[0]: stem})
+    ref = _run(cut_model(proto, ["input"], [add.output[0]]), {"input": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    # from inside the block, the skip still needs the stem: the part reads the data input too
+    inner = next(n for n in proto.graph.node if n.op_type == "Conv" and n.input[0] != "input" and
+                 n.input[0] != first_clip.output[0])
+    assert {i.name for i in cut_model(proto, [inner.input[0]], [add.output[0]]).graph.input} == {inner.input[0], "input"}
