@@ -87,18 +87,19 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
             layers = [n for n in layers if id(n) not in inside]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
-        paired = simulate.LayerInputs(model, layers, quantized, quantized=True)
-        batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
+        # decoded once; each layer's inputs are moved on from the previous layer's
+        stream = simulate.CutInputs(model, quantized, quantized=True,
+                                    batches=list(self.data.head(self.samples, self.batch_size)))
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
         for node in progress.steps(layers, "adaround", unit="layer"):
             moment = for_layer(node)
             # a depthwise channel has d = 9 or 25 weights: 512 rows per weight settle it, and its
             # (rows, channels, taps) patches would otherwise dominate memory and time
-            per_batch = -(-min(self.rows, 512 * moment.d if moment.d else self.rows) // len(batches))
+            per_batch = -(-min(self.rows, 512 * moment.d if moment.d else self.rows) // len(stream.batches))
             xq_parts, xf_parts = [], []
-            for batch in batches:
-                x_q, x_f = paired.pair(node, batch)
+            stream.advance(node.inputs[0].name)
+            for x_q, x_f in zip(stream.x_q, stream.x_f):
                 pq, pf = moment.columns(x_q), moment.columns(x_f)
                 keep = rng.choice(pq.shape[2], size=min(per_batch, pq.shape[2]), replace=False)
                 xq_parts.append(pq[:, :, keep].transpose(2, 0, 1))  # rows first, as adaround wants them
@@ -118,7 +119,7 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
             wq.bias = res.bias.reshape(-1)
             wq.methods.append("adaround")
             logger.debug("%s: error on quantized input %.4g -> %.4g", node.name, res.before, res.after)
-            paired.fix(node)
+            stream.fix(node)
         logger.info("AdaRound on %d layers: summed layer error %.4g -> %.4g", len(layers), before, after)
         model.graph.meta["ptqc.adaround_loss"] = (before, after)
         return ir.passes.PassResult(model, modified=True)

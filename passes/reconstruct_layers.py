@@ -56,19 +56,20 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         layers = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None and for_layer(n) is not None]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
-        paired = simulate.LayerInputs(model, layers, layers, quantized=False)
-        batches = list(self.data.head(self.samples, self.batch_size))  # decoded once, reused per layer
+        # decoded once; each layer's inputs are moved on from the previous layer's
+        stream = simulate.CutInputs(model, layers, quantized=False,
+                                    batches=list(self.data.head(self.samples, self.batch_size)))
         before = after = 0.0
         for node in progress.steps(layers, "reconstruct", unit="layer"):
             moment = for_layer(node, PairedMoment)
             mean_q = mean_f = 0.0
             n = 0
-            for batch in batches:
-                x_q, x_f = paired.pair(node, batch)
+            stream.advance(node.inputs[0].name)
+            for x_q, x_f in zip(stream.x_q, stream.x_f):
                 moment.add_pair(x_q, x_f)
                 mean_q = mean_q + channel_sum(x_q)
                 mean_f = mean_f + channel_sum(x_f)
-                n += len(batch)
+                n += len(x_q)
             b, a = self._solve(node, moment)
             before, after = before + b, after + a
             wq = node.meta[WEIGHT]
@@ -78,7 +79,7 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
             wq.bias = wq.bias - (expected_output_error(node, zero, w_hat, mean_q / n)
                                  - expected_output_error(node, zero, w, mean_f / n))
             wq.methods.append(f"reconstruct_{self.target}+bias")
-            paired.fix(node)
+            stream.fix(node)
         logger.info("reconstructed %d layers (%s target): summed layer loss %.4g -> %.4g", len(layers), self.target,
                     before, after)
         model.graph.meta["ptqc.gptq_loss"] = (before, after)

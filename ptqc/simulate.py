@@ -22,7 +22,6 @@ from onnx import helper, numpy_helper
 from ptqc import runtime
 from ptqc.annotations import ACT, WEIGHT
 from ptqc.borders import border_ops, border_table
-from ptqc.passes.calibrate import float_session
 from ptqc.passes.emit_qdq import container
 from ptqc.quant import int_range
 
@@ -246,40 +245,6 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
     return feed
 
 
-class LayerInputs:
-    """Paired inputs of weighted layers, for passes that fix layers one at a time in order: what ``layer`` reads
-    in the simulated quantized model (weights fed as inputs, so layers fixed so far count with their integer
-    weights and corrected bias) and in the float model.
-
-    ``fed`` are the layers whose weights the simulation is fed, starting float or quantized; :meth:`fix` then
-    switches one layer to its current integer weights and bias.  Both sessions run without onnxruntime's arena:
-    with many intermediate tensors exposed, an arena's peak memory grows with every run.
-    """
-
-    def __init__(self, model: ir.Model, layers: list[ir.Node], fed: list[ir.Node], quantized: bool):
-        graph = model.graph
-        self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
-        inputs = sorted({n.inputs[0].name for n in layers})
-        sim = build(model, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in inputs])
-        self._q = runtime.make_session(sim.proto, arena=False, what="the simulated model")
-        self._fp = float_session(model, sorted(n for n in inputs if n != self.input_name))
-        self.weights: dict[str, np.ndarray] = {}
-        for node in fed:
-            self.weights.update(layer_arrays(node, quantized=quantized))
-
-    def pair(self, layer: ir.Node, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(quantized, float) input of ``layer`` for one batch of model inputs."""
-        name = layer.inputs[0].name
-        x_q = runtime.run(self._q, {self.input_name: batch, **self.weights}, [f"{name}__sim"])[0]
-        x_f = batch if name == self.input_name else runtime.run(self._fp, {self.input_name: batch}, [name])[0]
-        return x_q, x_f
-
-    def fix(self, layer: ir.Node) -> None:
-        """From now on the simulation computes ``layer`` with its integer weights and current bias."""
-        self.weights.update(layer_arrays(layer, quantized=True))
-
-
-
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Every name the subgraphs of ``node`` (If/Loop bodies) read: an over-approximation of their outer reads."""
     names: set[str] = set()
@@ -323,15 +288,18 @@ def cut_model(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> 
 
 class CutInputs:
     """The simulated-quantized and float values of one tensor for a fixed list of batches, moved forward through
-    the network from tensor to tensor, for passes that fix layers in topological order (block reconstruction).
+    the network from tensor to tensor, for passes that fix layers in topological order (GPTQ on quantized
+    inputs, AdaRound, block reconstruction).
 
-    Like :class:`LayerInputs`, the simulation computes the layers in ``fed`` with the weights fed to it (float
-    or quantized, then :meth:`fix` switches one to its integer weights and bias), so what a tensor's readers see
-    accounts for every layer fixed before it moved there.  Each :meth:`advance` runs only the part of the
-    network between the current tensor and the next (:func:`cut_model`), so over a whole pass each batch goes
-    through each model about once, where :class:`LayerInputs` runs the whole network per visited layer.  When
-    the next tensor is a cut (every path from the input passes through it), the next step needs nothing else;
-    otherwise the part also recomputes from the data input, which is kept, and the values stay exact.
+    The simulation computes the layers in ``fed`` with the weights fed to it, float or quantized, and
+    :meth:`fix` switches one to its current integer weights and bias, so what a tensor's readers see accounts
+    for every layer fixed before it moved there.  Each :meth:`advance` runs only the part of the network between
+    the current tensor and the next (:func:`cut_model`), so over a whole pass each batch goes through each model
+    about once, not once per visited layer (MobileNetV2 block reconstruction on 512 images: 263 s of
+    onnxruntime before, 421 -> 177 s for the pass).  When the current tensor is a cut (every path from the
+    input passes through it), the next step needs nothing else; otherwise the part also recomputes from the
+    data input, which is kept, and the values stay exact.  Sessions run without onnxruntime's arena, so memory
+    goes back to the system after each run.
 
     Memory: the values of the current tensor (quantized and float) for every batch, plus the batches.
     """
@@ -365,8 +333,9 @@ class CutInputs:
         return got
 
     def advance(self, name: str) -> None:
-        """Move to tensor ``name`` (the current one or one after it): its quantized value is what its readers
-        see in the simulation, with every layer fixed so far."""
+        """Move to tensor ``name``: its quantized value is what its readers see in the simulation, with every
+        layer fixed so far.  Cheap when ``name`` comes after the current tensor and that is a cut; any other
+        tensor is computed from the data input (or as much of it as the path needs)."""
         q_name = f"{name}__sim"
         if q_name != self._q_name:
             self.x_q = [r[0] for r in self._run(self._sim, self._q_name, self.x_q, [q_name], "a part of the simulated model")]

@@ -10,7 +10,8 @@ from ptqc import loader
 from ptqc.annotations import WEIGHT
 from ptqc.data import ArrayData
 from ptqc.pipeline import build_passes
-from ptqc.simulate import CutInputs, LayerInputs, build, cut_model, scale_feed
+from ptqc.passes.calibrate import float_session
+from ptqc.simulate import CutInputs, build, cut_model, layer_arrays, scale_feed
 
 
 def _annotated(model, cfg, calib):
@@ -21,11 +22,15 @@ def _annotated(model, cfg, calib):
     return irm
 
 
-def _run(proto, feed):
+def _session(proto):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _run(proto, feed):
+    return _session(proto).run(None, feed)[0]
 
 
 def test_simulation_matches_the_emitted_model():
@@ -67,15 +72,21 @@ def test_cut_inputs_match_whole_network_runs_while_layers_are_fixed():
         irm = _before_blocks(model, cfg, inputs(16, size=size, seed=1))
         layers = [n for n in irm.graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
         batches = [inputs(8, size=size, seed=2), inputs(5, size=size, seed=3)]
-        whole = LayerInputs(irm, layers, layers, quantized=False)
+        # the reference: whole-network runs of the simulation and the float model, every layer input exposed
+        names = sorted({n.inputs[0].name for n in layers})
+        sim = _session(build(irm, weight_inputs=True, extra_outputs=[f"{n}__sim" for n in names]).proto)
+        fp = float_session(irm, [n for n in names if n != "input"])
+        weights = {k: v for n in layers for k, v in layer_arrays(n, quantized=False).items()}
         cut = CutInputs(irm, layers, quantized=False, batches=batches)
         for layer in layers:
-            cut.advance(layer.inputs[0].name)
+            name = layer.inputs[0].name
+            cut.advance(name)
             for b, x_q, x_f in zip(batches, cut.x_q, cut.x_f):
-                ref_q, ref_f = whole.pair(layer, b)
+                ref_q = sim.run([f"{name}__sim"], {"input": b, **weights})[0]
+                ref_f = b if name == "input" else fp.run([name], {"input": b})[0]
                 np.testing.assert_allclose(x_q, ref_q, rtol=1e-6, atol=1e-6)
                 np.testing.assert_allclose(x_f, ref_f, rtol=1e-6, atol=1e-6)
-            whole.fix(layer)
+            weights.update(layer_arrays(layer, quantized=True))
             cut.fix(layer)
         # fixing changed what later layers read: the last layer's quantized input is not the float one's
         assert not np.allclose(cut.x_q[0], cut.x_f[0], atol=1e-3)
