@@ -15,6 +15,7 @@ import sys
 import click
 
 from ptqc import progress
+from ptqc.config import QuantConfig
 from ptqc.errors import PtqcError
 
 logger = logging.getLogger("ptqc")
@@ -133,9 +134,11 @@ def main(quiet: bool, verbose: bool) -> None:
                    "the activation width). The W/A results of BRECQ/QDrop/RAPQ leave it unquantized [default: 8; "
                    "never below the activation width].")
 @click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
-@click.option("--calib-size", type=int, default=256, show_default=True, help="Use the first N samples in sorted order.")
+@click.option("--calib-size", type=int, default=QuantConfig.calib_size, show_default=True,
+              help="Use the first N samples in sorted order.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
-              help="Calibration batch size (peak memory grows with it, not with --calib-size).")
+              help="Calibration batch size (calibration memory grows with it; block reconstruction keeps one block "
+                   "input of every calibration sample).")
 @click.option("--act-calib", type=click.Choice(["auto", "mse", "max"]), default="auto", show_default=True,
               help="Activation exponent: least squared error, or no clipping; auto = max for unsigned 8-bit tensors, mse otherwise.")
 @click.option("--no-pair-safe", is_flag=True,
@@ -186,7 +189,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
             adaround_iters, block_recon, block_iters, act_search, act_borders, rounding, preset, size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
-    from ptqc.config import QuantConfig, load_toml, parse_layer_bits, parse_shorthand
+    from ptqc.config import load_toml, parse_layer_bits, parse_shorthand
     from ptqc.writer import check_writable, save_atomic
 
     if not pot:
@@ -375,7 +378,7 @@ def sensitivity(model, calib, shorthand, calib_size, eval_size, labels, top, as_
     Compiles the model once per layer, so it takes minutes on a real network (a progress bar shows the ETA).
     Keep the worst layers at 8 bits with `ptqc compile --bits NAME=8`.
     """
-    from ptqc.config import QuantConfig, parse_shorthand
+    from ptqc.config import parse_shorthand
     from ptqc.mixed import held_out
     from ptqc.sensitivity import analyse
 
