@@ -69,7 +69,10 @@ def main() -> None:
            "those widths (`--bits w4a8 w3a3 --no-ort`, then `--bits w4a4 --calib-size 1024 --no-ort",
            "--no-latency`, each compile alone). The 1024-image runs build the activation histograms (exponents,",
            "least-squares thresholds) from all 1000 images of the calibration split; every later pass reads only",
-           "the first 64-128 of them, as at 256 images.", ""]
+           "the first 64-128 of them, as at 256 images. The 512-image w4a4 and w2a4 rows come from a snapshot of",
+           "9d6bea6 (`--bits w4a4 w2a4 --calib-size 512 --no-ort --no-latency`), the default since then: the block",
+           "pass moves each block's input on instead of rerunning the network, and GPTQ and the blocks read every",
+           "calibration image.", ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
     for model in models:
@@ -228,7 +231,7 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
     order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "noblockclip",
-             "default", "channels", "equalize"]
+             "default", "channels", "allimages", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
              "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
@@ -237,7 +240,8 @@ def ablation(rows: list[dict]) -> list[str]:
              "everylayer": "the same with an 8-bit residual branch and last-conv output",
              "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; at w2a4 until 3b17e7d)",
              "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
-             "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d; the default)",
+             "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d)",
+             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default)",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
@@ -261,14 +265,20 @@ def ablation(rows: list[dict]) -> list[str]:
             variant = "everylayer"
         elif variant == "default" and r.get("bits") != "w8a8" and "LearnClipRangesPass" not in passes:
             variant = "noblockclip"  # ... from before learned thresholds ran under blocks too (8b0b0ef)
-        if variant in order and "top1" in r and r.get("calib_images") == 256:
+        if variant == "channels" and r.get("calib_images") == 512:
+            variant = "allimages"  # the default since 9d6bea6: 512 images, all read by GPTQ and the blocks
+        elif r.get("calib_images") != 256:
+            continue
+        if variant in order and "top1" in r:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
     keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells
-                                     if v not in ("default", "channels", "adaround", "blocks", "everylayer", "noblockclip")))
+                                     if v not in ("default", "channels", "allimages", "adaround", "blocks", "everylayer",
+                                                  "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
-           "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images, power-of-two",
+           "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last",
+           "default column), power-of-two",
            "everywhere, first and last layers 8-bit. Produced by `python bench/bench_compile.py --bits w4a8 w4a4",
            "--variants rtn bc absorb gptq --no-ort --no-latency` (run while a `ptqc sensitivity` job shared the",
            "machine, so its seconds are only indicative: EfficientNet's 184 s GPTQ cell is contention, the same",

@@ -428,8 +428,8 @@ def measurement_data(calib, pre, samples: int, skip: int) -> tuple[Dataset, str]
     than ``skip``, else its first ``samples``; and a description of which, for the page.
 
     ``skip`` is the number of samples the model was calibrated on.  GPTQ and the reconstruction passes fit
-    the model to the first of them, so there it looks better than on unseen data: MobileNetV2 w4a4 agreed
-    with FP32 on 84% of its first 128 calibration images and on 66% of the 744 after its 256 (docs/design.md).
+    the model to them, so there it looks better than on unseen data: MobileNetV2 w4a4, GPTQ and the blocks on
+    128 images, agreed with FP32 on 84% of them and on 66% of the 744 after its 256 (docs/design.md).
     """
     from ptqc.data import open_dataset
 
