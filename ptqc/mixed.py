@@ -335,16 +335,15 @@ def held_out(calib, preprocess, calib_size: int, count: int, labels: str | None 
     if len(data) <= calib_size:
         raise PtqcError(f"{what} scores on the samples after the first {calib_size} of --calib, and it has only "
                         f"{len(data)}; pass more data or a smaller --calib-size")
-    if not isinstance(data, ImageFolder):
+    rest = data.after(calib_size)
+    y = None
+    if not isinstance(rest, ImageFolder):
         if labels:
             raise PtqcError("--labels goes with an image folder")
-        return held_out_from(data, calib_size + count)[calib_size:], None
-    data.files = data.files[calib_size:]
-    y = None
-    if labels:
+    elif labels:
         table = read_labels(labels)
-        missing = [f for f in data.files if os.path.basename(f) not in table]
+        missing = [f for f in rest.files if os.path.basename(f) not in table]
         if missing:
             raise PtqcError(f"{len(missing)} held-out images have no label, e.g. {os.path.basename(missing[0])}")
-        y = np.array([table[os.path.basename(f)] for f in data.files])
-    return held_out_from(data, count), y
+        y = np.array([table[os.path.basename(f)] for f in rest.files])
+    return held_out_from(rest, count), y

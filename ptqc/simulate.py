@@ -245,21 +245,11 @@ def layer_arrays(node: ir.Node, quantized: bool) -> dict[str, np.ndarray]:
     return feed
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Every name the subgraphs of ``node`` (If/Loop bodies) read: an over-approximation of their outer reads."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in g.node:
-                names.update(inner.input)
-                names |= _subgraph_reads(inner)
-    return names
-
-
 def cut_model(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
     """The part of ``proto`` that computes ``outputs`` once the values ``inputs`` are given, as a model whose
     inputs are ``inputs`` followed by whatever graph inputs of ``proto`` that part still reads (fed weights;
-    the data input itself when some path to ``outputs`` goes around ``inputs``).  Nodes keep their order."""
+    the data input itself when some path to ``outputs`` goes around ``inputs``).  Nodes keep their order.  The
+    loader admits no control-flow op, so every read is a node input."""
     graph = proto.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
     stop, needed, stack = set(inputs), set(), list(outputs)
@@ -270,9 +260,8 @@ def cut_model(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> 
         node = graph.node[producer[name]]
         needed.add(producer[name])
         stack.extend(i for i in node.input if i)
-        stack.extend(_subgraph_reads(node))
     nodes = [n for i, n in enumerate(graph.node) if i in needed]
-    reads = {i for n in nodes for i in n.input} | set().union(*map(_subgraph_reads, nodes)) | set(outputs)
+    reads = {i for n in nodes for i in n.input} | set(outputs)
     declared = {v.name: v for v in graph.input}
     new_inputs = [declared.get(name) or helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                   for name in inputs]
@@ -281,9 +270,7 @@ def cut_model(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> 
     new_inputs += [v for v in graph.input if v.name in reads and v.name not in stop and v.name not in init_names]
     sub = helper.make_graph(nodes, f"{graph.name}_cut", new_inputs,
                             [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs], inits)
-    model = helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    model.functions.extend(proto.functions)
-    return model
+    return helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
 
 
 class CutInputs:
