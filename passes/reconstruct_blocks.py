@@ -15,6 +15,8 @@ any quantized layer), the pass guarantees:
   are learned jointly, with the biases, by Adam on the block output error with all of the block's inner
   activation quantizers in the loop (QDrop: each quantizer is skipped per element with probability 1/2, and the
   input is a 50/50 mix of quantized and float);
+* with ``freeze`` > 0, the rounding variables are hardened progressively, the most decided first (see
+  ``blockrec.reconstruct``), so the codes the run ends with are the ones its last steps trained around;
 * on (up to 4096 of) its quantized input windows, the block's output error is never above that of its starting
   codes and biases.
 
@@ -131,9 +133,11 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
     """Refine low-bit layers block by block, on the block output error with activation quantization inside."""
 
     def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 128, iters: int = 300,
-                 windows: int = 16384, out: int = 2, batch: int = 128, seed: int = 0, learn_8bit: bool = False):
+                 windows: int = 16384, out: int = 2, batch: int = 128, seed: int = 0, learn_8bit: bool = False,
+                 freeze: float = 0.0):
         super().__init__()
         self.learn_8bit = learn_8bit
+        self.freeze = freeze
         self.data = data
         self.batch_size = batch_size
         self.samples = samples
@@ -182,7 +186,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
                     learn[n.name] = Layer(float_weights[n.name][0], s, wq.bits, wq.q.astype(np.float64),
                                           wq.bias.astype(np.float64))
             res = reconstruct(prog, data, float_weights, fixed, learn, iters=self.iters, batch=self.batch,
-                              seed=self.seed)
+                              seed=self.seed, freeze=self.freeze)
             before, after = before + res.before, after + res.after
             logger.debug("block %s..%s: output error %.4g -> %.4g", block.layers[0].name, block.layers[-1].name,
                          res.before, res.after)

@@ -30,6 +30,7 @@ from ptqc.passes.fold_batchnorm import const
 from ptqc.quant import int_range
 
 SUPPORTED = ("Conv", "Relu", "Clip", "Add")
+FROZEN = 12.0  # |v| of a hardened rounding variable: h(v) is exactly 0 or 1 well before it
 
 
 @dataclasses.dataclass
@@ -403,12 +404,13 @@ def _loss(prog: Program, data: Windows, weights, target: np.ndarray, lo, hi, chu
 def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.ndarray, np.ndarray]],
                 fixed: dict[str, tuple[np.ndarray, np.ndarray]], learn: dict[str, Layer], iters: int = 300,
                 batch: int = 128, lr: float = 3e-2, drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2,
-                seed: int = 0, check: int = 4096) -> Result:
+                seed: int = 0, check: int = 4096, freeze: float = 0.0) -> Result:
     """Learn the rounding and bias of the ``learn`` layers so that the block's output on quantized (QDrop-mixed)
     input matches the float block's output on float input (``data.y_f``).  ``fixed`` layers keep their quantized
     weights.  The result is never worse than the starting codes on ``check`` of the quantized windows (drawn at
     random, evaluated without dropping): the error before and after on all of them took a third of the pass's
-    time."""
+    time.  ``freeze`` is the share of the steps after the warm-up over which the rounding variables are hardened,
+    a growing share of each layer's at every step (0: all at the end, as AdaRound does)."""
     rng = np.random.default_rng(seed)
     out_q = prog.block.quant.get(prog.block.output)
     lo, hi = (out_q[1], out_q[2]) if out_q is not None else (None, None)
@@ -437,7 +439,26 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     before = _loss(prog, sub_p, start, target_p, lo, hi)
     count = max(1, int(warmup * iters))
     beta1, beta2, eps = 0.9, 0.999, 1e-8
+    # progressive hardening: from the end of the warm-up until ``freeze`` of the way through the run, the most
+    # decided rounding variables are set to their hard value (v at +-FROZEN, where the rectified sigmoid is flat),
+    # a growing share each step, so that the ones still soft learn to compensate the ones already rounded
+    stop = count + freeze * (iters - count)
     for it in range(iters):
+        if freeze and it >= count:
+            share = min(1.0, (it - count + 1) / max(1.0, stop - count))
+            for name, st in state.items():
+                free = np.abs(st["v"]) < FROZEN
+                want = int(np.ceil(share * st["v"].size)) - (st["v"].size - int(free.sum()))
+                if want <= 0:
+                    continue
+                h = _h(st["v"])
+                margin = np.where(free, np.abs(h - 0.5), -1.0).reshape(-1)
+                pick_idx = np.argpartition(-margin, want - 1)[:want] if want < margin.size else np.arange(margin.size)
+                v = st["v"].reshape(-1)
+                v[pick_idx] = np.where(h.reshape(-1)[pick_idx] >= 0.5, FROZEN, -FROZEN)
+                for m in st["m"][:2]:
+                    if isinstance(m, np.ndarray):
+                        m.reshape(-1)[pick_idx] = 0.0
         idx = rng.integers(0, n, size=min(batch, n))
         sub = data.take(idx)
         pick = np.frombuffer(rng.bytes(sub.x_q.size), np.uint8).reshape(sub.x_q.shape) < 128
@@ -466,6 +487,8 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             dw, db = grads[name]
             dh = (ZETA - GAMMA) * sig * (1 - sig) * ((h_raw > 0) & (h_raw < 1))
             gv = dw * learn[name].s * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
+            if freeze:
+                gv = gv * (np.abs(st["v"]) < FROZEN)
             if it >= count:
                 h = np.clip(h_raw, 0.0, 1.0)
                 tt = 2 * h - 1

@@ -133,6 +133,7 @@ def test_toml_config_and_command_line_precedence(tmp_path):
     assert meta["ptqc.config.bias_correction"] == "False" and meta["ptqc.config.calib_size"] == "32"
     # GPTQ and the blocks read every calibration sample unless told otherwise
     assert meta["ptqc.config.gptq_samples"] == meta["ptqc.config.block_samples"] == "auto: 32"
+    assert meta["ptqc.config.block_freeze"] == "auto: 0.0"  # hardening progressively is the 2- and 3-bit default
     assert _widths(q)[mid] == ("8", "8")
     (tmp_path / "bad.toml").write_text("bits = [\n")
     res = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
