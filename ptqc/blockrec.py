@@ -30,7 +30,7 @@ from ptqc.passes.fold_batchnorm import const
 from ptqc.quant import int_range
 
 SUPPORTED = ("Conv", "Relu", "Clip", "Add")
-FROZEN = 12.0  # |v| of a hardened rounding variable: h(v) is exactly 0 or 1 well before it
+FROZEN = 12.0  # |v| of a hardened rounding variable: h(v) is exactly 0 or 1 (and flat) well before it
 
 
 @dataclasses.dataclass
@@ -425,7 +425,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         inside = (layer.codes == base) | (layer.codes == base + 1)
         frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - base)
         state[name] = dict(v=_init_v(frac), base=base, b=layer.bias.astype(np.float64).copy(), qmin=qmin, qmax=qmax,
-                           m=[0.0, 0.0, 0.0, 0.0],
+                           m=[0.0, 0.0, 0.0, 0.0], frozen=np.zeros(base.shape, bool), hard=0,
                            b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1)
 
     def hard(name) -> tuple[np.ndarray, np.ndarray]:
@@ -446,19 +446,18 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     for it in range(iters):
         if freeze and it >= count:
             share = min(1.0, (it - count + 1) / max(1.0, stop - count))
-            for name, st in state.items():
-                free = np.abs(st["v"]) < FROZEN
-                want = int(np.ceil(share * st["v"].size)) - (st["v"].size - int(free.sum()))
+            for st in state.values():
+                want = int(np.ceil(share * st["v"].size)) - st["hard"]
                 if want <= 0:
                     continue
-                h = _h(st["v"])
-                margin = np.where(free, np.abs(h - 0.5), -1.0).reshape(-1)
-                pick_idx = np.argpartition(-margin, want - 1)[:want] if want < margin.size else np.arange(margin.size)
                 v = st["v"].reshape(-1)
-                v[pick_idx] = np.where(h.reshape(-1)[pick_idx] >= 0.5, FROZEN, -FROZEN)
-                for m in st["m"][:2]:
-                    if isinstance(m, np.ndarray):
-                        m.reshape(-1)[pick_idx] = 0.0
+                margin = np.where(st["frozen"].reshape(-1), -1.0, np.abs(_h(v) - 0.5))
+                pick = np.argpartition(-margin, want - 1)[:want]
+                v[pick] = np.where(_h(v[pick]) >= 0.5, FROZEN, -FROZEN)
+                st["frozen"].reshape(-1)[pick] = True
+                st["hard"] += want
+                for m in st["m"][:2]:  # arrays since the first step (the warm-up has at least one)
+                    m.reshape(-1)[pick] = 0.0
         idx = rng.integers(0, n, size=min(batch, n))
         sub = data.take(idx)
         pick = np.frombuffer(rng.bytes(sub.x_q.size), np.uint8).reshape(sub.x_q.shape) < 128
@@ -488,7 +487,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             dh = (ZETA - GAMMA) * sig * (1 - sig) * ((h_raw > 0) & (h_raw < 1))
             gv = dw * learn[name].s * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
             if freeze:
-                gv = gv * (np.abs(st["v"]) < FROZEN)
+                gv[st["frozen"]] = 0.0
             if it >= count:
                 h = np.clip(h_raw, 0.0, 1.0)
                 tt = 2 * h - 1

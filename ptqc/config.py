@@ -190,9 +190,15 @@ class QuantConfig:
         return self.gptq if self.gptq is not None else True
 
     @property
+    def min_weight_bits(self) -> int:
+        """The narrowest weight width asked for, globally or per layer (the first layer's pair-safe 7-bit grid
+        does not count)."""
+        return min([self.weight_bits] + [layer_widths(b)[0] for b in self.layer_bits.values()])
+
+    @property
     def low_bit_weights(self) -> bool:
-        """Some layer's weights are below 8 bits (the first layer's pair-safe 7-bit grid does not count)."""
-        return self.weight_bits < 8 or any(layer_widths(b)[0] < 8 for b in self.layer_bits.values())
+        """Some layer's weights are below 8 bits."""
+        return self.min_weight_bits < 8
 
     @property
     def use_adaround(self) -> bool:
@@ -258,7 +264,7 @@ class QuantConfig:
     def recon_freeze(self) -> float:
         if self.block_freeze is not None:
             return self.block_freeze
-        return 0.8 if self.weight_bits < 4 or any(layer_widths(b)[0] < 4 for b in self.layer_bits.values()) else 0.0
+        return 0.8 if self.min_weight_bits < 4 else 0.0
 
     def as_metadata(self) -> dict[str, str]:
         """Every setting as ``ptqc.config.<field>``; a setting left to its automatic default says what it
