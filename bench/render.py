@@ -72,8 +72,8 @@ def main() -> None:
            "calibration image. The 512-image w2a4 and w3a3 rows come from a snapshot of 8e3fed5 (`--bits w2a4",
            "w3a3 --calib-size 512 --no-ort --no-latency`), where block reconstruction hardens the rounding of",
            "layers below 4 bits progressively (docs/design.md; w2a4 drop on 9d6bea6: MobileNetV2 72.8,",
-           "MobileNetV1 77.0, EfficientNet-Lite0 43.4). The 1024-image w4a4 rows come from the same snapshot (`--bits w4a4 --calib-size",
-           "1024`): every pass reads all 1000 images of the calibration split. One compile's top-1 moves by about",
+           "MobileNetV1 77.0, EfficientNet-Lite0 43.4). The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
+           "(`--bits w4a4 --calib-size 1024`): every pass reads all 1000 images of the calibration split. One compile's top-1 moves by about",
            "±1-2 points with the windows block reconstruction draws (three seeds, MobileNetV2 w4a4 at 512 images:",
            "69.6, 67.4, 68.4; docs/design.md).", ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
