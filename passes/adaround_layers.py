@@ -110,12 +110,14 @@ class AdaRoundLayersPass(ir.passes.InPlacePass):
             b0 = (const(node.inputs[2]).astype(np.float64).reshape(-1) if len(node.inputs) > 2 and node.inputs[2] is not None
                   else np.zeros(wg.shape[0] * wg.shape[1]))
             lo, hi = output_bounds(node)
-            res = adaround(wg, wq.exps.reshape(g, -1), wq.bits, b0.reshape(g, -1), np.concatenate(xq_parts),
-                           np.concatenate(xf_parts), lo, hi, init_codes=grouped(node, wq.q, wq.axis)[0],
+            k, e, z = wq.codes()
+            res = adaround(wg, e.reshape(g, -1), wq.bits, b0.reshape(g, -1), np.concatenate(xq_parts),
+                           np.concatenate(xf_parts), lo, hi, init_codes=grouped(node, k, wq.axis)[0],
                            init_bias=wq.bias.reshape(g, -1), iters=self.iters,
-                           batch=min(self.batch, 32 * moment.d) if moment.d else self.batch, seed=self.seed)
+                           batch=min(self.batch, 32 * moment.d) if moment.d else self.batch, seed=self.seed,
+                           offset=z.reshape(g, -1))
             before, after = before + res.before, after + res.after
-            wq.q = ungrouped(node, res.codes, w.shape, wq.axis).astype(wq.q.dtype)
+            wq.set_codes(ungrouped(node, res.codes, w.shape, wq.axis), e, wq.offset)
             wq.bias = res.bias.reshape(-1)
             wq.methods.append("adaround")
             logger.debug("%s: error on quantized input %.4g -> %.4g", node.name, res.before, res.after)

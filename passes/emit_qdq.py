@@ -211,6 +211,11 @@ class EmitQdqPass(ir.passes.InPlacePass):
         wdq.outputs[0].name = f"{wname}_DequantizeLinear_Output"
         wdq.doc_string = f"ptqc: {wq.bits}-bit signed weights, per-channel scale 2^[{_fmt_range(wq.exps)}]"
         wdq.metadata_props.update({"ptqc.bits": str(wq.bits), "ptqc.exp": " ".join(map(str, wq.exps))})
+        if wq.offset is not None:
+            used = ", ".join(f"{z:g}" for z in sorted(set(wq.offset.tolist())))
+            wdq.doc_string += (f"; per-channel grid offset z in {{{used}}}: a row holds 2^e (k + z) for {wq.bits}-bit "
+                               f"codes k (a zero point of -z steps), a half-integer z as the odd 2(k + z) at 2^(e-1)")
+            wdq.metadata_props["ptqc.offset"] = " ".join(f"{z:g}" for z in wq.offset)
         new_nodes = [wdq]
         if wq.bias_q is not None and (np.any(wq.bias_q) or (len(node.inputs) > 2 and node.inputs[2] is not None)):
             has_bias = len(node.inputs) > 2 and node.inputs[2] is not None

@@ -8,6 +8,8 @@ Guarantees after the pass, for every weighted layer whose input statistics could
 * each output channel's exponent is the best of {e-1, e, e+1} around the least-squares one, judged by that
   same H-weighted loss after rounding (RAPQ's rounding-versus-clipping trade-off, exact per channel);
 * the codes stay inside the signed b-bit range, and scales stay powers of two;
+* where pot_scales gave a layer grid offsets (``meta[WEIGHT].offsets``), each channel's offset is chosen with
+  its exponent, by the same loss;
 * ``H`` includes the input's own rounding noise (``s_in^2 / 12`` on the diagonal), so the solution does not
   lean on input directions that quantization blurs.
 
@@ -71,16 +73,17 @@ class GptqRoundingPass(ir.passes.InPlacePass):
             if act_in is not None and act_in.exp is not None and self.noise:
                 # expected loss when the input carries its own rounding noise (variance s^2/12 per element)
                 h = h + self.noise * (4.0**act_in.exp / 12.0) * np.eye(h.shape[1])[None]
-            exps = wq.exps.reshape(g, -1)
+            exps = wq.codes()[1].reshape(g, -1)
             rtn = grouped(node, wq.dequantized(), wq.axis)[0]
             # at 8 bits the exponent search does not pay for itself (MobileNetV2 w8a8 logit SNR 16.99 dB
             # without it, 17.01 dB with it) and it triples the solve
-            codes, new_exps = gptq_pot(wg, h, exps, wq.bits, self.search if wq.bits < 8 else (0,))
+            codes, new_exps, z = gptq_pot(wg, h, exps, wq.bits, self.search if wq.bits < 8 else (0,), wq.offsets)
             before += float(row_loss(wg, rtn, h).sum())
-            after += float(row_loss(wg, codes * np.exp2(new_exps.astype(np.float64))[:, :, None], h).sum())
-            wq.q = ungrouped(node, codes, w.shape, wq.axis)
-            wq.exps = new_exps.reshape(-1)
-            wq.methods.append("gptq" + ("+exponent_search" if wq.bits < 8 and len(self.search) > 1 else ""))
+            after += float(row_loss(wg, (codes + z[:, :, None]) * np.exp2(new_exps.astype(np.float64))[:, :, None],
+                                    h).sum())
+            wq.set_codes(ungrouped(node, codes, w.shape, wq.axis), new_exps.reshape(-1), z.reshape(-1))
+            wq.methods.append("gptq" + ("+exponent_search" if wq.bits < 8 and len(self.search) > 1 else "")
+                              + ("+offsets" if wq.offset is not None else ""))
         logger.info("GPTQ on %d layers: summed layer loss %.4g -> %.4g (round-to-nearest -> GPTQ)",
                     len(layers), before, after)
         model.graph.meta["ptqc.gptq_loss"] = (before, after)

@@ -28,7 +28,7 @@ from ptqc.annotations import ACT, WEIGHT
 from ptqc.errors import PtqcError
 from ptqc.passes.fold_batchnorm import const
 from ptqc.passes.pot_scales import channel_view
-from ptqc.quant import quantize
+from ptqc.quant import quantize_offset
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
             raised_rows |= over
         if raised_rows.any():
             # re-round only the channels whose grid changed; the others keep their (e.g. GPTQ) codes
-            fresh = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
-            rows = channel_view(raised_rows, w.ndim, wq.axis)
-            wq.q = np.where(rows, fresh, wq.q)
+            # (a coarser container step is a coarser grid step: the offsets stay)
+            k, e, z = wq.codes()
+            fresh = quantize_offset(w, channel_view(e, w.ndim, wq.axis), channel_view(z, w.ndim, wq.axis), wq.bits)
+            wq.set_codes(np.where(channel_view(raised_rows, w.ndim, wq.axis), fresh, k), e, wq.offset)
         raised = int(raised_rows.sum())
         if raised:
             wq.methods.append(f"bias_limit({raised} channels coarser)")

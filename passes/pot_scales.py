@@ -5,6 +5,9 @@ Guarantees after the pass:
 * Every weighted op's ``meta[WEIGHT]`` has ``exps`` (one integer per output channel) and ``q``, the weights
   rounded to nearest on the grid ``2**exps`` within the signed ``bits`` range.  Each exponent is the one with
   the least squared weight error among the no-clip exponent and five finer ones, not the max rounded up.
+  With ``weight_offsets``, an inner layer of at most ``offset_bits`` (<= 6) bits also gets each channel's grid offset z (``meta[WEIGHT].offset``,
+  values ``2^e (k + z)``, stored at half the step when z is half-integer) from those candidates, by the same
+  error, and ``meta[WEIGHT].offsets`` names the candidates later rounding passes may choose from.
 * Every planned activation's ``meta[ACT].exp`` is set, one exponent per scale-sharing group (MaxPool,
   Flatten, Reshape, Pad, Concat inputs and outputs), so those ops need no requantization: by default the
   exponent with the least squared error on the group's merged calibration histogram (rounding and clipping
@@ -23,7 +26,7 @@ import onnx_ir as ir
 
 from ptqc.annotations import ACT, HIST, WEIGHT
 from ptqc.passes.fold_batchnorm import const
-from ptqc.quant import quantize, weight_exponents
+from ptqc.quant import quantize, quantize_offset, weight_exponents, weight_grids
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +46,11 @@ def channel_view(exps: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 class PotScalesPass(ir.passes.InPlacePass):
     """Least-squares power-of-two exponents for weights (per channel) and activations (per tensor)."""
 
-    def __init__(self, act_method: str = "auto"):
+    def __init__(self, act_method: str = "auto", weight_offsets: tuple[float, ...] = (0.0,), offset_bits: int = 6):
         super().__init__()
         self.act_method = act_method
+        self.weight_offsets = tuple(weight_offsets)
+        self.offset_bits = min(offset_bits, 6)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -55,8 +60,16 @@ class PotScalesPass(ir.passes.InPlacePass):
             if wq is None:
                 continue
             w = const(node.inputs[1]).astype(np.float64)
-            wq.exps = weight_exponents(weight_matrix(w, wq.axis), wq.bits)
-            wq.q = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
+            if wq.bits <= self.offset_bits and not wq.role and len(self.weight_offsets) > 1:
+                # the container holds 2k + 2z for a half-integer z: inside int8 up to 6 bits.  The first and
+                # last layers keep the plain 8-bit grid (the first one's pair-safe 7-bit grid needs |w| <= 64)
+                wq.offsets = self.weight_offsets
+                e, z = weight_grids(weight_matrix(w, wq.axis), wq.bits, self.weight_offsets)
+                k = quantize_offset(w, channel_view(e, w.ndim, wq.axis), channel_view(z, w.ndim, wq.axis), wq.bits)
+                wq.set_codes(k, e, z)
+            else:
+                wq.exps = weight_exponents(weight_matrix(w, wq.axis), wq.bits)
+                wq.q = quantize(w, channel_view(wq.exps, w.ndim, wq.axis), wq.bits, True)
             n_w += 1
         values = [v for v in graph.inputs if ACT in v.meta]
         values += [v for node in graph for v in node.outputs if ACT in v.meta]

@@ -182,9 +182,10 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
                 elif wq.bits >= 8 and not self.learn_8bit:
                     fixed[n.name] = (wq.dequantized(), wq.bias.astype(np.float64))
                 else:
-                    s = np.exp2(wq.exps.astype(np.float64)).reshape(-1, 1, 1, 1)
-                    learn[n.name] = Layer(float_weights[n.name][0], s, wq.bits, wq.q.astype(np.float64),
-                                          wq.bias.astype(np.float64))
+                    k, e, z = wq.codes()
+                    learn[n.name] = Layer(float_weights[n.name][0], np.exp2(e.astype(np.float64)).reshape(-1, 1, 1, 1),
+                                          wq.bits, k.astype(np.float64), wq.bias.astype(np.float64),
+                                          z.reshape(-1, 1, 1, 1))
             res = reconstruct(prog, data, float_weights, fixed, learn, iters=self.iters, batch=self.batch,
                               seed=self.seed, freeze=self.freeze)
             before, after = before + res.before, after + res.after
@@ -193,7 +194,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
             for n in block.layers:
                 if n.name in learn:
                     wq = n.meta[WEIGHT]
-                    wq.q = res.codes[n.name].astype(wq.q.dtype)
+                    wq.set_codes(res.codes[n.name], wq.codes()[1], wq.offset)
                     wq.bias = np.asarray(res.bias[n.name], np.float64).reshape(-1)
                     if res.after < res.before:
                         wq.methods.append("block-recon")

@@ -93,9 +93,9 @@ class ReconstructLayersPass(ir.passes.InPlacePass):
         # the target's own least-squares exponents: W* differs from W (it maps rounded inputs to float outputs)
         exps = weight_exponents(target.reshape(-1, target.shape[2]), wq.bits).reshape(g, -1)
         rtn = grouped(node, wq.dequantized(), wq.axis)[0]
-        codes, new_exps = gptq_pot(target, metric, exps, wq.bits, self.search)
+        codes, new_exps, z = gptq_pot(target, metric, exps, wq.bits, self.search, wq.offsets)
         before = float(row_loss(target, rtn, metric).sum())
-        after = float(row_loss(target, codes * np.exp2(new_exps.astype(np.float64))[:, :, None], metric).sum())
-        wq.q = ungrouped(node, codes, w.shape, wq.axis)
-        wq.exps = new_exps.reshape(-1)
+        after = float(row_loss(target, (codes + z[:, :, None]) * np.exp2(new_exps.astype(np.float64))[:, :, None],
+                               metric).sum())
+        wq.set_codes(ungrouped(node, codes, w.shape, wq.axis), new_exps.reshape(-1), z.reshape(-1))
         return before, after

@@ -67,15 +67,16 @@ def layer_loss(w: np.ndarray, b: np.ndarray, x: np.ndarray, target: np.ndarray, 
 
 
 def objective(v: np.ndarray, b: np.ndarray, base: np.ndarray, s: np.ndarray, x: np.ndarray, target: np.ndarray,
-              lo: float | None, hi: float | None, scale: float, bits: int) -> tuple[float, np.ndarray, np.ndarray]:
+              lo: float | None, hi: float | None, scale: float, bits: int,
+              z: np.ndarray | float = 0.0) -> tuple[float, np.ndarray, np.ndarray]:
     """The reconstruction term and its gradients in V and b: ``mean(f(W~(V) x + b) - target)^2 / scale``,
-    with x (n, g, d) and target (n, g, r)."""
+    with x (n, g, d) and target (n, g, r); ``z`` the rows' grid offsets ((g, r, 1) or scalar)."""
     qmin, qmax = int_range(bits, True)
     sig = 1.0 / (1.0 + np.exp(-v))
     h_raw = sig * (ZETA - GAMMA) + GAMMA
     q_soft = base + np.clip(h_raw, 0.0, 1.0)
     inside = (q_soft >= qmin) & (q_soft <= qmax)
-    pre = apply(s * np.clip(q_soft, qmin, qmax), x) + b[None].astype(x.dtype)
+    pre = apply(s * (np.clip(q_soft, qmin, qmax) + z), x) + b[None].astype(x.dtype)
     diff = activation(pre, lo, hi) - target
     loss = float(np.mean(diff.astype(np.float64) ** 2) / scale)
     grad_y = (2.0 / (diff.size * scale)) * diff
@@ -99,8 +100,9 @@ class Result:
 def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: np.ndarray, x_f: np.ndarray,
              lo: float | None = None, hi: float | None = None, init_codes: np.ndarray | None = None,
              init_bias: np.ndarray | None = None, iters: int = 100, batch: int = 1024, lr: float = 1e-2,
-             quantized_share: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0) -> Result:
-    """Soft-round ``w`` (g, r, d) on grids ``2**exps`` (g, r); inputs (n, g, d), rows first so that a batch of
+             quantized_share: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0,
+             offset: np.ndarray | None = None) -> Result:
+    """Soft-round ``w`` (g, r, d) on grids ``2**exps * (k + offset)`` (g, r); inputs (n, g, d), rows first so that a batch of
     rows is one contiguous gather.  ``bias`` is the float model's (the target's), ``init_bias`` the starting
     point of the learned one (default: ``bias``).
 
@@ -113,9 +115,10 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
     rng = np.random.default_rng(seed)
     qmin, qmax = int_range(bits, True)
     s = np.exp2(exps.astype(np.float64))[:, :, None]
+    z = 0.0 if offset is None else np.asarray(offset, np.float64)[:, :, None]  # codes k stand for s (k + z)
     w = w.astype(np.float64)
-    base = np.floor(w / s)
-    frac = w / s - base
+    base = np.floor(w / s - z)
+    frac = w / s - z - base
     if init_codes is not None:
         up = init_codes > base  # a code at ceil: start near 1; at floor: near 0
         inside = (init_codes == base) | (init_codes == base + 1)
@@ -129,7 +132,7 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
     n = x_q.shape[0]
     target = activation(apply(w, x_f) + b0[None].astype(np.float32), lo, hi)
     scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)
-    before = layer_loss(s * start, b, x_q, target, lo, hi)
+    before = layer_loss(s * (start + z), b, x_q, target, lo, hi)
     # Adam state for V and b
     mv, vv, mb, vb = np.zeros_like(v), np.zeros_like(v), np.zeros_like(b), np.zeros_like(b)
     b_lr = lr * max(float(np.sqrt(np.mean(b0**2))), 1e-3) * 0.1
@@ -147,7 +150,7 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
             xq = x_q[idx]
             pick = np.frombuffer(rng.bytes(xq.size), np.uint8).reshape(xq.shape) < int(round(256 * quantized_share))
             x = np.where(pick, xq, x_f[idx])
-        _, grad_v, grad_b = objective(v, b, base, s, x, target[idx], lo, hi, scale, bits)
+        _, grad_v, grad_b = objective(v, b, base, s, x, target[idx], lo, hi, scale, bits, z)
         sig = 1.0 / (1.0 + np.exp(-v))
         h_raw = sig * (ZETA - GAMMA) + GAMMA
         h = np.clip(h_raw, 0.0, 1.0)
@@ -165,7 +168,7 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
         vb = beta2 * vb + (1 - beta2) * grad_b**2
         b -= b_lr * (mb / (1 - beta1**k)) / (np.sqrt(vb / (1 - beta2**k)) + eps)
     codes = np.clip(base + (_h(v) >= 0.5), qmin, qmax)
-    after = layer_loss(s * codes, b, x_q, target, lo, hi)
+    after = layer_loss(s * (codes + z), b, x_q, target, lo, hi)
     if after > before:
         return Result(start, b0 if init_bias is None else init_bias.astype(np.float64), before, before)
     return Result(codes, b, before, after)

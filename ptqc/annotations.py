@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from ptqc.quant import offset_factor
+
 ACT = "ptqc.act"
 HIST = "ptqc.hist"
 CLIP = "ptqc.clip"
@@ -69,8 +71,15 @@ class WeightQuant:
     role: str = ""  # "first", "last" or ""
     #: float bias per output channel (zeros when the layer has none); passes may correct it
     bias: np.ndarray | None = None
+    #: ``exps`` and ``q`` are what the DequantizeLinear holds (the *container*): ``q * 2**exps`` per channel
     exps: np.ndarray | None = None
     q: np.ndarray | None = None  # integer weights, same shape as the float weights
+    #: per output channel, the grid offset z (``quant.WEIGHT_OFFSETS``): the row's values are ``2^e (k + z)``
+    #: with codes k in the signed b-bit range; None = 0 everywhere.  :meth:`codes` and :meth:`set_codes` convert
+    #: between those codes and the container
+    offset: np.ndarray | None = None
+    #: the offsets a rounding pass may choose from for this layer (set by pot_scales); (0,) = none
+    offsets: tuple[float, ...] = (0.0,)
     bias_q: np.ndarray | None = None  # int32 bias at scale 2**(e_in + exps)
     #: what was done to this layer, in pipeline order (written to the node's metadata)
     methods: list[str] = dataclasses.field(default_factory=list)
@@ -80,6 +89,33 @@ class WeightQuant:
         shape = [1] * self.q.ndim
         shape[self.axis] = -1
         return self.q * np.exp2(self.exps.reshape(shape).astype(np.float64))
+
+    def row_view(self, per_row: np.ndarray) -> np.ndarray:
+        """Per-channel values shaped to broadcast against the weight tensor."""
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return np.asarray(per_row).reshape(shape)
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes k like ``q``, grid exponents e per channel, offsets z per channel): ``w = 2^e (k + z)``."""
+        z = np.zeros(self.exps.shape) if self.offset is None else self.offset
+        m = offset_factor(z)
+        k = np.round(self.q / self.row_view(m) - self.row_view(z)).astype(np.int64)
+        return k, np.asarray(self.exps, np.int64) + (m == 2), z
+
+    def set_codes(self, k: np.ndarray, e: np.ndarray, z: np.ndarray | None = None) -> None:
+        """Store codes ``k`` on grids ``2^e (k + z)`` (``e``, ``z`` per channel) in the container form."""
+        e = np.asarray(e, np.int64).reshape(-1)
+        z = None if z is None or not np.any(z) else np.asarray(z, np.float64).reshape(-1)
+        self.offset = z
+        if z is None:
+            self.q, self.exps = np.asarray(k).astype(np.int64), e
+            return
+        shape = [1] * np.ndim(k)
+        shape[self.axis] = -1
+        m = offset_factor(z)
+        self.q = np.round(m.reshape(shape) * (np.asarray(k, np.float64) + z.reshape(shape))).astype(np.int64)
+        self.exps = e - (m == 2)
 
 
 @dataclasses.dataclass

@@ -374,13 +374,14 @@ class Program:
 
 @dataclasses.dataclass
 class Layer:
-    """One low-bit Conv whose rounding is learned: ``W~ = s * clip(base + h(V), qmin, qmax)``."""
+    """One low-bit Conv whose rounding is learned: ``W~ = s * (clip(base + h(V), qmin, qmax) + z)``."""
 
     w: np.ndarray  # float weights (O, I, kh, kw), float64
     s: np.ndarray  # (O, 1, 1, 1)
     bits: int
     codes: np.ndarray  # starting integer codes
     bias: np.ndarray  # starting bias (O,)
+    z: np.ndarray | float = 0.0  # grid offsets (O, 1, 1, 1): a code k stands for s (k + z)
 
 
 @dataclasses.dataclass
@@ -421,9 +422,9 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     state = {}
     for name, layer in learn.items():
         qmin, qmax = int_range(layer.bits, True)
-        base = np.floor(layer.w / layer.s)
+        base = np.floor(layer.w / layer.s - layer.z)
         inside = (layer.codes == base) | (layer.codes == base + 1)
-        frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - base)
+        frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - layer.z - base)
         state[name] = dict(v=_init_v(frac), base=base, b=layer.bias.astype(np.float64).copy(), qmin=qmin, qmax=qmax,
                            m=[0.0, 0.0, 0.0, 0.0], frozen=np.zeros(base.shape, bool), hard=0,
                            b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1)
@@ -432,7 +433,8 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         st = state[name]
         return np.clip(st["base"] + (_h(st["v"]) >= 0.5), st["qmin"], st["qmax"]), st["b"]
 
-    start = {**fixed, **{n: (l.s * np.clip(l.codes, *int_range(l.bits, True)), l.bias) for n, l in learn.items()}}
+    start = {**fixed, **{n: (l.s * (np.clip(l.codes, *int_range(l.bits, True)) + l.z), l.bias)
+                         for n, l in learn.items()}}
     n = data.x_q.shape[0]
     probe = np.sort(rng.choice(n, size=min(n, check), replace=False))
     sub_p, target_p = data.take(probe), target[probe]
@@ -469,7 +471,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             h_raw = sig * (ZETA - GAMMA) + GAMMA
             q_soft = st["base"] + np.clip(h_raw, 0.0, 1.0)
             soft[name] = (sig, h_raw, q_soft)
-            weights[name] = (learn[name].s * np.clip(q_soft, st["qmin"], st["qmax"]), st["b"])
+            weights[name] = (learn[name].s * (np.clip(q_soft, st["qmin"], st["qmax"]) + learn[name].z), st["b"])
         y, tape = prog.forward(x, sub.masks, weights, quantize=True, drop=drop, rng=rng)
         t = target[idx]
         diff = np.clip(y, lo, hi) - t
@@ -504,7 +506,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
             m[3] = beta2 * m[3] + (1 - beta2) * db**2
             st["b"] -= st["b_lr"] * (m[2] / (1 - beta1**k)) / (np.sqrt(m[3] / (1 - beta2**k)) + eps)
     final = {name: hard(name) for name in learn}
-    end = {**fixed, **{n: (learn[n].s * c, b) for n, (c, b) in final.items()}}
+    end = {**fixed, **{n: (learn[n].s * (c + learn[n].z), b) for n, (c, b) in final.items()}}
     after = _loss(prog, sub_p, end, target_p, lo, hi)
     if after > before:
         return Result({n: l.codes for n, l in learn.items()}, {n: l.bias for n, l in learn.items()}, before, before)

@@ -127,6 +127,11 @@ class QuantConfig:
     #: 300 steps, and rounding them made the block worse than its starting codes
     block_freeze: float | None = None
     block_samples: int | None = None
+    #: give each output channel of an inner layer of at most 6 bits a grid offset z in {0, 1/2, 1, -1/2} steps (values
+    #: ``2^e (k + z)``: a per-channel weight zero point, half-integer ones stored at half the step, so every
+    #: scale stays 2^e), chosen with the exponent by the rounding loss.  The integer MAC then needs the zero
+    #: point's term, z * sum(x), as any asymmetric weight grid does.  None = on for the layers below 4 bits
+    weight_offsets: bool | None = None
     #: bit width of a layer output that only residual Adds read (the linear bottleneck of an inverted residual
     #: block, before the sum); the sum itself is quantized at ``act_bits``.  The academic W/A convention that
     #: BRECQ, QDrop and RAPQ report leaves this tensor unquantized (their quant_block.py disables the act
@@ -261,6 +266,19 @@ class QuantConfig:
         return self.calib_size if self.block_samples is None else self.block_samples
 
     @property
+    def use_weight_offsets(self) -> bool:
+        """Some layer gets grid offsets."""
+        return 0 < self.weight_offset_bits and self.min_weight_bits <= self.weight_offset_bits
+
+    @property
+    def weight_offset_bits(self) -> int:
+        """Inner layers of at most this many weight bits get grid offsets: 6 when asked for (the int8 container
+        holds a half-integer row's 2(k + z) up to 6 bits), 3 by default, 0 when off."""
+        if self.weight_offsets is None:
+            return 3
+        return 6 if self.weight_offsets else 0
+
+    @property
     def recon_freeze(self) -> float:
         if self.block_freeze is not None:
             return self.block_freeze
@@ -275,7 +293,7 @@ class QuantConfig:
                               ("equalize_channels", self.use_equalize_channels),
                               ("equalize_residual", self.use_equalize_residual),
                               ("gptq_samples", self.moment_samples), ("block_samples", self.recon_samples),
-                              ("block_freeze", self.recon_freeze)):
+                              ("block_freeze", self.recon_freeze), ("weight_offsets", self.use_weight_offsets)):
             if getattr(self, key) is None:
                 out[f"ptqc.config.{key}"] = f"auto: {resolved}"
         if self.adaround_outside_blocks:

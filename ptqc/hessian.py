@@ -115,10 +115,11 @@ def row_loss(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 def gptq(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, damp: float = 0.01, block: int = 128,
-         act_order: bool = True, floor_ceil: bool = True) -> np.ndarray:
+         act_order: bool = True, floor_ceil: bool = True, offset: np.ndarray | float = 0.0) -> np.ndarray:
     """GPTQ rounding on per-row power-of-two grids; returns integer codes.
 
-    w: (g, r, d) weights, h: (g, d, d) second moments, exps: (g, r) exponents; signed ``bits``.
+    w: (g, r, d) weights, h: (g, d, d) second moments, exps: (g, r) exponents; signed ``bits``; ``offset``
+    (scalar or (g, r)) the rows' grid offsets z: a code k stands for ``2^e (k + z)``.
 
     ``floor_ceil`` keeps every code at the floor or ceiling of its original weight (AdaRound's solution
     space): the error feedback still chooses the rounding direction, but no weight moves by more than one
@@ -128,7 +129,8 @@ def gptq(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, damp: float 
     qmin, qmax = int_range(bits, True)
     w = np.array(w, dtype=np.float64)
     s_full = np.exp2(exps.astype(np.float64))[:, :, None]
-    lo_all = np.clip(np.floor(w / s_full), qmin, qmax)
+    z = np.broadcast_to(np.asarray(offset, np.float64), exps.shape)
+    lo_all = np.clip(np.floor(w / s_full - z[:, :, None]), qmin, qmax)
     hi_all = np.clip(lo_all + 1, qmin, qmax)
     if not floor_ceil:
         lo_all = np.full_like(w, qmin)
@@ -159,10 +161,10 @@ def gptq(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, damp: float 
         err1 = np.zeros_like(w1)
         for k in range(i2 - i1):
             col = w1[:, :, k]
-            q = np.clip(np.round(col / s[:, :, 0]), lo_all[:, :, i1 + k], hi_all[:, :, i1 + k])
+            q = np.clip(np.round(col / s[:, :, 0] - z), lo_all[:, :, i1 + k], hi_all[:, :, i1 + k])
             codes[:, :, i1 + k] = q
             diag_u = u[:, i1 + k, i1 + k][:, None]
-            err = (col - q * s[:, :, 0]) / diag_u
+            err = (col - (q + z) * s[:, :, 0]) / diag_u
             w1[:, :, k:] -= err[:, :, None] * u[:, None, i1 + k, i1 + k : i2]
             err1[:, :, k] = err
         if i2 < d:
@@ -173,22 +175,26 @@ def gptq(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, damp: float 
     return codes
 
 
-def gptq_pot(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, search: tuple[int, ...] = (-1, 0, 1)) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ with each row's exponent chosen from ``exps + search`` by the H-weighted loss (RAPQ's
-    rounding-vs-clipping trade-off, exact per row).  Returns (codes, exponents)."""
-    best_codes = best_exps = best_loss = None
+def gptq_pot(w: np.ndarray, h: np.ndarray, exps: np.ndarray, bits: int, search: tuple[int, ...] = (-1, 0, 1),
+             offsets: tuple[float, ...] = (0.0,)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ with each row's exponent chosen from ``exps + search`` (and its grid offset from ``offsets``) by
+    the H-weighted loss (RAPQ's rounding-vs-clipping trade-off, exact per row).  Returns (codes, exponents,
+    offsets), the codes k standing for ``2^e (k + z)``."""
+    best_codes = best_exps = best_loss = best_z = None
     for delta in search:
         e = exps + delta
-        codes = gptq(w, h, e, bits)
-        loss = row_loss(w, codes * np.exp2(e.astype(np.float64))[:, :, None], h)
-        if best_loss is None:
-            best_codes, best_exps, best_loss = codes, e.copy(), loss
-            continue
-        better = loss < best_loss
-        best_codes[better] = codes[better]
-        best_exps[better] = e[better]
-        best_loss = np.where(better, loss, best_loss)
-    return best_codes, best_exps
+        for z in offsets:
+            codes = gptq(w, h, e, bits, offset=z)
+            loss = row_loss(w, (codes + z) * np.exp2(e.astype(np.float64))[:, :, None], h)
+            if best_loss is None:
+                best_codes, best_exps, best_loss, best_z = codes, e.copy(), loss, np.full(e.shape, z)
+                continue
+            better = loss < best_loss
+            best_codes[better] = codes[better]
+            best_exps[better] = e[better]
+            best_z[better] = z
+            best_loss = np.where(better, loss, best_loss)
+    return best_codes, best_exps, best_z
 
 
 class PairedMoment(SecondMoment):

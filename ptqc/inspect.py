@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ptqc.borders import border_chain, border_tensor
-from ptqc.quant import exponent_of, is_pow2
+from ptqc.quant import bad_weight_codes, exponent_of, is_pow2, parse_offsets
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _SAME_SCALE = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Pad", "Dropout",
@@ -358,18 +358,25 @@ def _layer_row(g, n, scale_exp, act_exp, out_exp, problems, non_shift) -> Row:
             row.note = "FLOAT weights"
         return row
     wq = g.array(wdq.input[0])
-    bits_decl = None
+    bits_decl = offsets = None
     for p in wdq.metadata_props:
         if p.key == "ptqc.bits":
             bits_decl = int(p.value)
+        elif p.key == "ptqc.offset":
+            offsets = parse_offsets(p.value)
     if not np.issubdtype(wq.dtype, np.integer):
         problems.append(f"{n.name}: weights are not stored as integers")
     w_bits = bits_decl or 8
-    lo, hi = -(1 << (w_bits - 1)), (1 << (w_bits - 1)) - 1
-    if wq.size and (wq.min() < lo or wq.max() > hi):
-        problems.append(f"{n.name}: weight codes {int(wq.min())}..{int(wq.max())} exceed the declared {w_bits}-bit range")
+    axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
+    if offsets is not None and (offsets.size != wq.shape[axis] or np.any(np.mod(offsets * 2, 1) != 0)):
+        problems.append(f"{n.name}: weight grid offsets are not one multiple of 1/2 per output channel")
+    elif wq.size and bad_weight_codes(wq, w_bits, offsets, axis).any():
+        problems.append(f"{n.name}: weight codes {int(wq.min())}..{int(wq.max())} "
+                        + (f"are off the declared {w_bits}-bit grids of their channels' offsets" if offsets is not None
+                           else f"exceed the declared {w_bits}-bit range"))
     e_w = scale_exp[n.input[1]].reshape(-1)
-    row.w_bits, row.e_in, row.e_w = str(w_bits), str(e_in), _rng(e_w)
+    # "+zp": some channel's grid has an offset (a weight zero point; docs/design.md)
+    row.w_bits, row.e_in, row.e_w = f"{w_bits}{'+zp' if offsets is not None else ''}", str(e_in), _rng(e_w)
     # bias at the accumulator scale
     if len(n.input) > 2 and n.input[2]:
         bdq = g.dq_of(n.input[2])

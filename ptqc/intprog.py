@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from ptqc.borders import border_tensor
 from ptqc.errors import PtqcError
-from ptqc.quant import exponent_of, is_pow2
+from ptqc.quant import bad_weight_codes, exponent_of, int_range, is_pow2, parse_offsets
 
 FORMAT = "ptqc-int/1"
 ROUNDING = ("half-even", "half-up")
@@ -392,11 +392,16 @@ class _Lowering:
             raise LoweringError(f"{node.name}: weight zero point is not 0")
         e_w = self.pow2_exp(wdq, wdq.input[1]).reshape(-1)
         bits = next((int(p.value) for p in wdq.metadata_props if p.key == "ptqc.bits"), 8)
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        if codes.size and (codes.min() < lo or codes.max() > hi):
-            bad = np.argwhere((codes < lo) | (codes > hi))[0]
+        offsets = parse_offsets(next((p.value for p in wdq.metadata_props if p.key == "ptqc.offset"), None))
+        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
+        if offsets is not None and offsets.size != codes.shape[axis]:
+            raise LoweringError(f"{node.name}: {offsets.size} weight grid offsets for {codes.shape[axis]} channels")
+        bad_mask = bad_weight_codes(codes, bits, offsets, axis) if codes.size else None
+        if bad_mask is not None and bad_mask.any():
+            bad = np.argwhere(bad_mask)[0]
             raise LoweringError(f"{node.name}: weight {tuple(int(i) for i in bad)} = {int(codes[tuple(bad)])} "
-                                f"is outside the declared {bits}-bit range [{lo}, {hi}]")
+                                + (f"is off the declared {bits}-bit grid of its offset" if offsets is not None else
+                                   f"is outside the declared {bits}-bit range {list(int_range(bits, True))}"))
         attrs: dict = {}
         if op == "Conv":
             a = {at.name: _attr(at) for at in node.attribute}
@@ -432,6 +437,9 @@ class _Lowering:
             consts["b"] = self.add_array(f"{node.name}_b", np.broadcast_to(b.reshape(-1), (n_out,)).astype(np.int32))
         step = Step("Conv" if op == "Conv" else "Gemm", node.name, [x.name], node.output[0], attrs, consts)
         step.attrs["weight_bits"] = bits
+        if offsets is not None:
+            # per output channel: w holds 2^m (k + z) for b-bit codes k, m = 1 where z is half-integer
+            step.attrs["weight_offset"] = [float(z) for z in offsets]
         self.mark(node)
         self.finish(node, step, acc_exp)
 

@@ -18,6 +18,7 @@ import ptqc
 from ptqc import loader, writer
 from ptqc.config import QuantConfig
 from ptqc.errors import PtqcError
+from ptqc.quant import WEIGHT_OFFSETS
 from ptqc.data import Dataset, Preprocess, check_shape, open_dataset
 from ptqc.passes.absorb_clip_range import AbsorbClipRangePass
 from ptqc.passes.adaround_layers import AdaRoundLayersPass
@@ -102,7 +103,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([LearnClipRangesPass(data, config.batch_size)]
           if config.use_learn_clip and config.absorb_clip and config.continuous_clip and data is not None else []),
         *([AbsorbClipRangePass(config.act_method, config.continuous_clip)] if config.absorb_clip else []),
-        PotScalesPass(config.act_method),
+        PotScalesPass(config.act_method, WEIGHT_OFFSETS, config.weight_offset_bits),
         *([GptqRoundingPass()] if float_gptq else []),
         *([ReconstructLayersPass(data, config.batch_size, config.moment_samples, config.gptq_target)] if sequential else []),
         *([BiasCorrectionPass()] if config.bias_correction and not sequential else []),

@@ -105,6 +105,89 @@ def weight_exponents(w2d: np.ndarray, bits: int, search: int = 6) -> np.ndarray:
     return best_e
 
 
+#: Per-channel weight grid offsets ptqc chooses from for inner layers of at most 6 bits (``QuantConfig.weight_offsets``): a row's
+#: values are ``2^e * (k + z)`` with integer codes ``k`` in the signed b-bit range, i.e. a zero point of ``-z``
+#: steps.  z = 1/2 is the midrise grid (levels +-1/2, +-3/2 ... steps, symmetric around zero), z = 1 and
+#: z = -1/2 shift the lopsided window [-2^(b-1), 2^(b-1) - 1] the other way.  A half-integer z is stored at
+#: half the step, as the odd integer ``2k + 2z`` at scale ``2^(e-1)``, so every scale stays a power of two.
+WEIGHT_OFFSETS = (0.0, 0.5, 1.0, -0.5)
+
+
+def offset_factor(z: np.ndarray) -> np.ndarray:
+    """How many container units one grid step is: 2 for a half-integer offset, else 1."""
+    return np.where(np.mod(np.asarray(z, dtype=np.float64), 1.0) != 0, 2, 1).astype(np.int64)
+
+
+def to_container(k: np.ndarray, e: np.ndarray, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes ``k`` on grids ``2^e * (k + z)`` (``e``, ``z`` per row, broadcast against ``k`` by the
+    caller's reshape) -> (container integers, container exponents): what the DequantizeLinear holds."""
+    if z is None:
+        return np.asarray(k).astype(np.int64), np.asarray(e, dtype=np.int64)
+    m = offset_factor(z)
+    q = np.round(m * (np.asarray(k, dtype=np.float64) + z)).astype(np.int64)
+    return q, (np.asarray(e, dtype=np.int64) - (m == 2))
+
+
+def from_container(q: np.ndarray, exps: np.ndarray, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`to_container`: (codes k, grid exponents e)."""
+    if z is None:
+        return np.asarray(q).astype(np.int64), np.asarray(exps, dtype=np.int64)
+    m = offset_factor(z)
+    return np.round(np.asarray(q, dtype=np.float64) / m - z).astype(np.int64), np.asarray(exps, np.int64) + (m == 2)
+
+
+def container_window(bits: int, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row (lo, hi, step) of the container integers a ``bits``-wide row with offset ``z`` may hold: the
+    values ``lo, lo + step, ..., hi``.  Without offsets, the signed b-bit range in steps of 1."""
+    qmin, qmax = int_range(bits, True)
+    if z is None:
+        return np.array([qmin]), np.array([qmax]), np.array([1])
+    m = offset_factor(z)
+    return np.round(m * (qmin + z)).astype(np.int64), np.round(m * (qmax + z)).astype(np.int64), m
+
+
+def bad_weight_codes(codes: np.ndarray, bits: int, offsets: np.ndarray | None, axis: int = 0) -> np.ndarray:
+    """Mask of the container integers outside what a ``bits``-wide row with grid ``offsets`` (per channel along
+    ``axis``, None = no offsets) may hold: outside ``[lo, hi]`` or off its step (an even value in a midrise row)."""
+    lo, hi, step = container_window(bits, offsets)
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    lo, hi, step = (a.reshape(shape) if offsets is not None else a.reshape([1] * codes.ndim) for a in (lo, hi, step))
+    c = np.asarray(codes, np.int64)
+    return (c < lo) | (c > hi) | ((c - lo) % step != 0)
+
+
+def parse_offsets(text: str | None) -> np.ndarray | None:
+    """The ``ptqc.offset`` metadata of a weight DequantizeLinear (per channel, space-separated) as an array."""
+    return None if not text else np.array([float(t) for t in text.split()])
+
+
+def quantize_offset(x: np.ndarray, e: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray:
+    """Codes k of ``x`` on the grid ``2^e * (k + z)``, nearest (ties to even), clipped to the signed range."""
+    qmin, qmax = int_range(bits, True)
+    u = np.asarray(x, dtype=np.float64) * np.exp2(-np.asarray(e, dtype=np.float64)) - z
+    return np.clip(np.round(u), qmin, qmax).astype(np.int64)
+
+
+def weight_grids(w2d: np.ndarray, bits: int, offsets=(0.0,), search: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (exponent, offset) of a (rows, k) weight matrix: the pair with the least squared error among the
+    no-clip exponent and ``search - 1`` finer ones, and ``offsets``."""
+    w = np.asarray(w2d, dtype=np.float64)
+    e0 = no_clip_exponent(np.maximum(w.max(axis=1), 0), np.maximum(-w.min(axis=1), 0), bits, True)
+    best_e, best_z = e0.copy(), np.zeros(w.shape[0])
+    best_err = np.full(w.shape[0], np.inf)
+    for delta in range(-1 if len(offsets) > 1 else 0, search):
+        e = e0 - delta
+        for z in offsets:
+            k = quantize_offset(w, e[:, None], z, bits)
+            err = (((k + z) * np.exp2(e[:, None].astype(np.float64)) - w) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err[better] = err[better]
+            best_e[better] = e[better]
+            best_z[better] = z
+    return best_e, best_z
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Activations: a streamed histogram keyed by the float32 bit pattern.
 # ----------------------------------------------------------------------------------------------------------

@@ -82,12 +82,19 @@ def test_low_bit_codes_saturate_at_the_declared_range(resnet, wb, ab):
     q = _compile(resnet, wb, ab)
     assert inspect_model(q).ok
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    # weights: int8 container, values inside the b-bit range (first/last layers are 8-bit)
+    # weights: int8 container, values inside the b-bit range (first/last layers are 8-bit); below 4 bits a row
+    # may have a grid offset z: then it holds m (k + z) for k in the b-bit range, m = 2 where z is half-integer
     for n in q.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8:
-            bits = int(next(p.value for p in n.metadata_props if p.key == "ptqc.bits"))
-            w = inits[n.input[0]]
-            assert w.min() >= -(1 << (bits - 1)) and w.max() <= (1 << (bits - 1)) - 1
+            meta = {p.key: p.value for p in n.metadata_props}
+            bits = int(meta["ptqc.bits"])
+            w = inits[n.input[0]].reshape(inits[n.input[0]].shape[0], -1).astype(np.int64)
+            z = np.array([float(t) for t in meta["ptqc.offset"].split()]) if "ptqc.offset" in meta else 0 * w[:, 0]
+            assert "ptqc.offset" not in meta or bits < 4
+            m = np.where(z % 1 != 0, 2, 1)[:, None]
+            assert np.all(w % m == m // 2)  # odd in a half-integer row
+            k = w / m - z[:, None]
+            assert k.min() >= -(1 << (bits - 1)) and k.max() <= (1 << (bits - 1)) - 1
     # activations: run the graph with every DequantizeLinear input exposed and check the codes
     acts = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
     probe = onnx.ModelProto()

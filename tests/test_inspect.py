@@ -42,6 +42,32 @@ def test_weight_outside_declared_bits_fails():
     assert any("exceed the declared 4-bit range" in p for p in report.problems)
 
 
+def test_weight_grid_offsets_are_declared_and_checked():
+    """At 2 bits the inner layers get per-channel grid offsets: the file declares them per channel, every
+    scale is still 2^e, inspect passes, and an even code in a midrise (z = 1/2) row fails it."""
+    q = ptqc.compile(resnet_like(), CALIB, ptqc.QuantConfig(weight_bits=2, act_bits=4, calib_size=32)).model
+    assert inspect_model(q).ok
+    inits = {i.name: i for i in q.graph.initializer}
+    offset_dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"
+                  and any(p.key == "ptqc.offset" for p in n.metadata_props)]
+    assert offset_dqs and all(
+        next(p.value for p in n.metadata_props if p.key == "ptqc.bits") == "2" for n in offset_dqs)
+    for dq in offset_dqs:
+        z = np.array([float(t) for t in next(p.value for p in dq.metadata_props if p.key == "ptqc.offset").split()])
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        half = np.mod(z, 1) != 0
+        assert np.all(w[half] % 2 == 1) and np.all(np.abs(w[half]) <= 3)  # 2(k + z) for k in [-2, 1]
+        assert np.all((w[~half] >= -2 + z[~half, None, None, None]) & (w[~half] <= 1 + z[~half, None, None, None]))
+    dq = next(n for n in offset_dqs
+              if "0.5" in next(p.value for p in n.metadata_props if p.key == "ptqc.offset").split())
+    z = [float(t) for t in next(p.value for p in dq.metadata_props if p.key == "ptqc.offset").split()]
+    w = numpy_helper.to_array(inits[dq.input[0]]).copy()
+    w[z.index(0.5)].flat[0] = 2
+    inits[dq.input[0]].CopyFrom(numpy_helper.from_array(w, dq.input[0]))
+    report = inspect_model(q)
+    assert any("off the declared 2-bit grids" in p for p in report.problems)
+
+
 def test_average_pool_over_49_positions_is_not_a_shift():
     b = Builder(2)
     x = b.node("Relu", [b.conv("input", 3, 8, stride=2)])

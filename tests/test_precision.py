@@ -30,7 +30,7 @@ def test_layer_bits_override_weights_and_input():
     cfg = ptqc.QuantConfig(4, 4, calib_size=48, layer_bits={mid: 8, other: "w2a8"})
     q = ptqc.compile(model, CALIB, cfg).model
     w = _widths(q)
-    assert w[mid] == ("8", "8") and w[other] == ("2", "8")
+    assert w[mid] == ("8", "8") and w[other] == ("2+zp", "8")  # 2-bit rows get grid offsets (zero points)
     assert w[names[3]] == ("4", "4")
     assert inspect_model(q).ok
 
