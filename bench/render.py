@@ -72,7 +72,10 @@ def main() -> None:
            "calibration image. The 512-image w2a4 and w3a3 rows come from a snapshot of 8e3fed5 (`--bits w2a4",
            "w3a3 --calib-size 512 --no-ort --no-latency`), where block reconstruction hardens the rounding of",
            "layers below 4 bits progressively (docs/design.md; w2a4 drop on 9d6bea6: MobileNetV2 72.8,",
-           "MobileNetV1 77.0, EfficientNet-Lite0 43.4). The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
+           "MobileNetV1 77.0, EfficientNet-Lite0 43.4); they now come from a snapshot of 25097f0 (the same",
+           "command), where inner layers below 4 bits also get per-channel grid offsets, weight zero points of 0,",
+           "1/2, 1 or -1/2 steps (docs/design.md; w2a4 drop on 8e3fed5: MobileNetV2 65.0, MobileNetV1 72.6,",
+           "EfficientNet-Lite0 40.0). The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
            "(`--bits w4a4 --calib-size 1024`): every pass reads all 1000 images of the calibration split. One compile's top-1 moves by about",
            "±1-2 points with the windows block reconstruction draws (three seeds, MobileNetV2 w4a4 at 512 images:",
            "69.6, 67.4, 68.4; docs/design.md).", ""]
@@ -244,7 +247,7 @@ def ablation(rows: list[dict]) -> list[str]:
              "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; at w2a4 until 3b17e7d)",
              "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
              "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d)",
-             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5)",
+             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5) and per-channel grid offsets (25097f0)",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}

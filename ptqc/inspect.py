@@ -409,4 +409,6 @@ def format_table(report: Report) -> str:
     for d in data:
         name = d[0] if len(d[0]) <= 48 else "..." + d[0][-45:]
         lines.append("  ".join(str(x).ljust(w) for x, w in zip([name, *d[1:]], widths)).rstrip())
+    if any(r.w_bits.endswith("+zp") for r in report.rows):
+        lines.append("w +zp: per-channel weight grid offsets (zero points of 0, 1/2, 1 or -1/2 steps; docs/integer.md)")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 import ptqc
 from graphs import Builder, inputs, resnet_like
 from ptqc.cli import main
-from ptqc.inspect import inspect_model
+from ptqc.inspect import format_table, inspect_model
 
 CALIB = inputs(32, seed=5)
 
@@ -46,7 +46,9 @@ def test_weight_grid_offsets_are_declared_and_checked():
     """At 2 bits the inner layers get per-channel grid offsets: the file declares them per channel, every
     scale is still 2^e, inspect passes, and an even code in a midrise (z = 1/2) row fails it."""
     q = ptqc.compile(resnet_like(), CALIB, ptqc.QuantConfig(weight_bits=2, act_bits=4, calib_size=32)).model
-    assert inspect_model(q).ok
+    report = inspect_model(q)
+    assert report.ok and "per-channel weight grid offsets" in format_table(report)
+    assert {r.w_bits for r in report.rows if r.op == "Conv"} == {"2+zp", "7"}  # the first layer: plain pair-safe grid
     inits = {i.name: i for i in q.graph.initializer}
     offset_dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"
                   and any(p.key == "ptqc.offset" for p in n.metadata_props)]
