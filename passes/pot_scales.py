@@ -5,9 +5,10 @@ Guarantees after the pass:
 * Every weighted op's ``meta[WEIGHT]`` has ``exps`` (one integer per output channel) and ``q``, the weights
   rounded to nearest on the grid ``2**exps`` within the signed ``bits`` range.  Each exponent is the one with
   the least squared weight error among the no-clip exponent and five finer ones, not the max rounded up.
-  With ``weight_offsets``, an inner layer of at most ``offset_bits`` (<= 6) bits also gets each channel's grid offset z (``meta[WEIGHT].offset``,
-  values ``2^e (k + z)``, stored at half the step when z is half-integer) from those candidates, by the same
-  error, and ``meta[WEIGHT].offsets`` names the candidates later rounding passes may choose from.
+  With ``weight_offsets``, an inner layer of at most ``offset_bits`` (<= 6) bits also gets each channel's grid
+  offset z (``meta[WEIGHT].offset``, values ``2^e (k + z)``, stored at half the step when z is half-integer)
+  from those candidates, by the same error, and ``meta[WEIGHT].offsets`` names the candidates later rounding
+  passes may choose from.
 * Every planned activation's ``meta[ACT].exp`` is set, one exponent per scale-sharing group (MaxPool,
   Flatten, Reshape, Pad, Concat inputs and outputs), so those ops need no requantization: by default the
   exponent with the least squared error on the group's merged calibration histogram (rounding and clipping

@@ -102,9 +102,9 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
              init_bias: np.ndarray | None = None, iters: int = 100, batch: int = 1024, lr: float = 1e-2,
              quantized_share: float = 0.5, lam: float = 0.01, warmup: float = 0.2, seed: int = 0,
              offset: np.ndarray | None = None) -> Result:
-    """Soft-round ``w`` (g, r, d) on grids ``2**exps * (k + offset)`` (g, r); inputs (n, g, d), rows first so that a batch of
-    rows is one contiguous gather.  ``bias`` is the float model's (the target's), ``init_bias`` the starting
-    point of the learned one (default: ``bias``).
+    """Soft-round ``w`` (g, r, d) on grids ``2**exps * (k + offset)`` (g, r); inputs (n, g, d), rows first so
+    that a batch of rows is one contiguous gather.  ``bias`` is the float model's (the target's), ``init_bias``
+    the starting point of the learned one (default: ``bias``).
 
     ``quantized_share`` is the probability that an input element comes from ``x_q`` rather than ``x_f`` (QDrop's
     mix at 0.5; 1 is AdaRound's asymmetric reconstruction on quantized inputs alone).

@@ -90,9 +90,9 @@ class WeightQuant:
         shape[self.axis] = -1
         return self.q * np.exp2(self.exps.reshape(shape).astype(np.float64))
 
-    def row_view(self, per_row: np.ndarray) -> np.ndarray:
-        """Per-channel values shaped to broadcast against the weight tensor."""
-        shape = [1] * self.q.ndim
+    def row_view(self, per_row: np.ndarray, ndim: int | None = None) -> np.ndarray:
+        """Per-channel values shaped to broadcast against the weight tensor (of rank ``ndim``, default q's)."""
+        shape = [1] * (self.q.ndim if ndim is None else ndim)
         shape[self.axis] = -1
         return np.asarray(per_row).reshape(shape)
 
@@ -111,10 +111,9 @@ class WeightQuant:
         if z is None:
             self.q, self.exps = np.asarray(k).astype(np.int64), e
             return
-        shape = [1] * np.ndim(k)
-        shape[self.axis] = -1
         m = offset_factor(z)
-        self.q = np.round(m.reshape(shape) * (np.asarray(k, np.float64) + z.reshape(shape))).astype(np.int64)
+        rows = lambda a: self.row_view(a, np.ndim(k))  # noqa: E731
+        self.q = np.round(rows(m) * (np.asarray(k, np.float64) + rows(z))).astype(np.int64)
         self.exps = e - (m == 2)
 
 

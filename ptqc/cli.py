@@ -174,9 +174,9 @@ def main(quiet: bool, verbose: bool) -> None:
                    "learns the 8-bit layers].")
 @click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
 @click.option("--weight-offsets/--no-weight-offsets", default=None,
-              help="Give each output channel of inner layers of at most 6 bits a grid offset of 0, 1/2, 1 or -1/2 steps (a per-channel "
-                   "weight zero point; scales stay 2^e) chosen by the rounding loss [default: on below 4-bit "
-                   "weights].")
+              help="Give each output channel of the inner layers of at most 6 bits a grid offset of 0, 1/2, 1 or "
+                   "-1/2 steps (a per-channel weight zero point; scales stay 2^e), chosen by the rounding loss "
+                   "[default: on for layers below 4 bits].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @click.option("--act-borders", is_flag=True,

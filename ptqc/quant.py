@@ -105,9 +105,9 @@ def weight_exponents(w2d: np.ndarray, bits: int, search: int = 6) -> np.ndarray:
     return best_e
 
 
-#: Per-channel weight grid offsets ptqc chooses from for inner layers of at most 6 bits (``QuantConfig.weight_offsets``): a row's
-#: values are ``2^e * (k + z)`` with integer codes ``k`` in the signed b-bit range, i.e. a zero point of ``-z``
-#: steps.  z = 1/2 is the midrise grid (levels +-1/2, +-3/2 ... steps, symmetric around zero), z = 1 and
+#: Per-channel weight grid offsets ptqc chooses from (``QuantConfig.weight_offsets``; inner layers of at most 6
+#: bits): a row's values are ``2^e * (k + z)`` with integer codes ``k`` in the signed b-bit range, i.e. a zero
+#: point of ``-z`` steps.  z = 1/2 is the midrise grid (levels +-1/2, +-3/2 ... steps, symmetric around zero), z = 1 and
 #: z = -1/2 shift the lopsided window [-2^(b-1), 2^(b-1) - 1] the other way.  A half-integer z is stored at
 #: half the step, as the odd integer ``2k + 2z`` at scale ``2^(e-1)``, so every scale stays a power of two.
 WEIGHT_OFFSETS = (0.0, 0.5, 1.0, -0.5)
@@ -116,24 +116,6 @@ WEIGHT_OFFSETS = (0.0, 0.5, 1.0, -0.5)
 def offset_factor(z: np.ndarray) -> np.ndarray:
     """How many container units one grid step is: 2 for a half-integer offset, else 1."""
     return np.where(np.mod(np.asarray(z, dtype=np.float64), 1.0) != 0, 2, 1).astype(np.int64)
-
-
-def to_container(k: np.ndarray, e: np.ndarray, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes ``k`` on grids ``2^e * (k + z)`` (``e``, ``z`` per row, broadcast against ``k`` by the
-    caller's reshape) -> (container integers, container exponents): what the DequantizeLinear holds."""
-    if z is None:
-        return np.asarray(k).astype(np.int64), np.asarray(e, dtype=np.int64)
-    m = offset_factor(z)
-    q = np.round(m * (np.asarray(k, dtype=np.float64) + z)).astype(np.int64)
-    return q, (np.asarray(e, dtype=np.int64) - (m == 2))
-
-
-def from_container(q: np.ndarray, exps: np.ndarray, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of :func:`to_container`: (codes k, grid exponents e)."""
-    if z is None:
-        return np.asarray(q).astype(np.int64), np.asarray(exps, dtype=np.int64)
-    m = offset_factor(z)
-    return np.round(np.asarray(q, dtype=np.float64) / m - z).astype(np.int64), np.asarray(exps, np.int64) + (m == 2)
 
 
 def container_window(bits: int, z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

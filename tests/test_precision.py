@@ -134,7 +134,15 @@ def test_toml_config_and_command_line_precedence(tmp_path):
     # GPTQ and the blocks read every calibration sample unless told otherwise
     assert meta["ptqc.config.gptq_samples"] == meta["ptqc.config.block_samples"] == "auto: 32"
     assert meta["ptqc.config.block_freeze"] == "auto: 0.0"  # hardening progressively is the 2- and 3-bit default
+    assert meta["ptqc.config.weight_offsets"] == "auto: False"  # grid offsets are the default below 4 bits only
     assert _widths(q)[mid] == ("8", "8")
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
+                                    "--config", str(tmp_path / "c.toml"), "--act-bits", "8", "--weight-offsets",
+                                    "-o", str(tmp_path / "z.onnx")])
+    assert res.exit_code == 0, res.output
+    z = onnx.load(tmp_path / "z.onnx")
+    assert {p.key: p.value for p in z.metadata_props}["ptqc.config.weight_offsets"] == "True"
+    assert {w for w, _ in _widths(z).values()} == {"4+zp", "8", "7"}  # inner 4-bit layers; not the first and last
     (tmp_path / "bad.toml").write_text("bits = [\n")
     res = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"),
                                     "--config", str(tmp_path / "bad.toml")])
