@@ -135,7 +135,7 @@ def main(quiet: bool, verbose: bool) -> None:
                    "never below the activation width].")
 @click.option("--all-low-bit", is_flag=True, help="Quantize first and last layers to the low bit width too.")
 @click.option("--calib-size", type=int, default=QuantConfig.calib_size, show_default=True,
-              help="Use the first N samples in sorted order.")
+              help="Use N samples: the first N of an array; of an image folder, N spread evenly over its sorted names.")
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Calibration batch size (calibration memory grows with it; block reconstruction keeps one block "
                    "input of every calibration sample).")

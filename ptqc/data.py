@@ -1,7 +1,9 @@
 """Calibration and evaluation data: image folders with a preprocessing preset, or ready ``.npy``/``.npz`` tensors.
 
-Data is produced batch by batch, so memory does not grow with the number of images.  Images are taken in
-sorted file-name order, which makes every run with the same input give the same output.
+Data is produced batch by batch, so memory does not grow with the number of images.  An image folder is read
+in a fixed order spread over its sorted file names (:func:`spread_order`), so every run with the same input
+gives the same output and any first N images cover the folder evenly: calibration folders are usually named
+by class (``n01440764_tench.JPEG``, ...), and the first N in sorted order would be the first N classes.
 
 A corrupt or unreadable image among good ones is skipped with a warning (and counted); a folder in which no
 image can be read is refused.
@@ -87,6 +89,17 @@ def load_image(path: str, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def spread_order(count: int) -> list[int]:
+    """The indices ``0..count-1`` in bit-reversed (van der Corput) order: 0, count/2, count/4, 3count/4, ...
+    Any prefix of length n holds indices about ``count / n`` apart, so the first n files of a folder sorted by
+    class come from n classes spread over all of them, not from its first n classes."""
+    if count <= 1:
+        return list(range(count))
+    bits = (count - 1).bit_length()
+    order = (int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits))
+    return [i for i in order if i < count]
+
+
 def list_images(folder: str) -> list[str]:
     if not os.path.exists(folder):
         raise PtqcError(f"image folder not found: {folder}")
@@ -132,10 +145,12 @@ class Dataset:
 
 
 class ImageFolder(Dataset):
-    """The first ``limit`` images of a folder in sorted order, preprocessed."""
+    """The first ``limit`` images of a folder in :func:`spread_order` over its sorted names, preprocessed.
+    ``after(limit)`` on the whole folder gives exactly the images the first ``limit`` left out."""
 
     def __init__(self, folder: str, pre: Preprocess, limit: int | None = None):
-        self.files = list_images(folder)
+        names = list_images(folder)
+        self.files = [names[i] for i in spread_order(len(names))]
         if limit is not None:
             self.files = self.files[:limit]
         self.pre = pre

@@ -10,6 +10,7 @@ from PIL import Image
 
 from graphs import Builder, inputs, resnet_like
 from ptqc.cli import main
+from ptqc.data import ImageFolder, Preprocess, spread_order
 
 
 @pytest.fixture()
@@ -108,6 +109,23 @@ def test_compile_from_image_folder_with_a_corrupt_image(model_path, image_dir, t
     result = invoke("compile", model_path, "--calib", image_dir, "--size", 16, "-o", out)
     assert result.exit_code == 0, result.output
     assert "skipping unreadable image" in result.output and out.exists()
+
+
+def test_a_calibration_subset_spreads_over_a_folder_sorted_by_class(tmp_path):
+    # a folder named by class, four images per class: the first 8 in sorted order would be 2 classes
+    folder = tmp_path / "by_class"
+    folder.mkdir()
+    for c in range(16):
+        for k in range(4):
+            Image.fromarray(np.full((8, 8, 3), c * 16 + k, np.uint8)).save(folder / f"n{c:02d}_{k}.png")
+    data = ImageFolder(str(folder), Preprocess(size=8, crop=1.0), limit=16)
+    classes = sorted(os.path.basename(f)[:3] for f in data.files)
+    assert len(set(classes)) == 16
+    first8 = {os.path.basename(f)[:3] for f in data.files[:8]}
+    assert len(first8) == 8  # any prefix is spread too (the passes that read fewer images take a prefix)
+    rest = ImageFolder(str(folder), Preprocess(size=8, crop=1.0)).after(16)
+    assert len(rest) == 48 and not set(rest.files) & set(data.files)
+    assert spread_order(10) == [0, 8, 4, 2, 6, 1, 9, 5, 3, 7]
 
 
 def test_explicit_bits_override_shorthand(model_path, calib_npy, tmp_path):
