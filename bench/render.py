@@ -39,8 +39,9 @@ def main() -> None:
     out = ["# Benchmarks", "",
            "Produced by `python bench/bench_compile.py --rss-sweep` and rendered by `python bench/render.py`; raw",
            "records in `bench/results/compile.jsonl`. Machine: 2 cores, no GPU; onnxruntime CPU, 2 intra-op threads.",
-           "Accuracy on the 500 images of `imagenet/val`, calibration on the first N images (sorted) of",
-           "`imagenet/calib`. `drop` = FP32 top-1 minus quantized top-1, on the same images. Latency is the median",
+           "Accuracy on the 500 images of `imagenet/val`, calibration on N images of `imagenet/calib` (before",
+           "the af0ec74 snapshot the first N in sorted order, i.e. its first N classes; from it on N spread over",
+           "the sorted names: docs/design.md). `drop` = FP32 top-1 minus quantized top-1, on the same images. Latency is the median",
            "of 30 (batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
            "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Compile seconds and peak RSS are those",
            "of a separate process doing only the compile (image decoding included, for both tools).",
@@ -75,7 +76,11 @@ def main() -> None:
            "MobileNetV1 77.0, EfficientNet-Lite0 43.4); they now come from a snapshot of 25097f0 (the same",
            "command), where inner layers below 4 bits also get per-channel grid offsets, weight zero points of 0,",
            "1/2, 1 or -1/2 steps (docs/design.md; w2a4 drop on 8e3fed5: MobileNetV2 65.0, MobileNetV1 72.6,",
-           "EfficientNet-Lite0 40.0). The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
+           "EfficientNet-Lite0 40.0). All 512-image w4a4, w2a4 and w3a3 rows now come from a snapshot of",
+           "af0ec74 (`--bits w4a4 w2a4 w3a3 --calib-size 512 --no-ort --no-latency`), which calibrates on images",
+           "spread over the folder instead of its first 512 classes (drops before, MobileNetV2 / V1 /",
+           "EfficientNet-Lite0: w4a4 9.0 / 9.6 / 4.8, w2a4 55.8 / 59.6 / 25.0, w3a3 62.0 / 50.4 / 25.0).",
+           "The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
            "(`--bits w4a4 --calib-size 1024`): every pass reads all 1000 images of the calibration split. One compile's top-1 moves by about",
            "±1-2 points with the windows block reconstruction draws (three seeds, MobileNetV2 w4a4 at 512 images:",
            "69.6, 67.4, 68.4; docs/design.md).", ""]
@@ -247,7 +252,7 @@ def ablation(rows: list[dict]) -> list[str]:
              "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; at w2a4 until 3b17e7d)",
              "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
              "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d)",
-             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5) and per-channel grid offsets (25097f0)",
+             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5) and per-channel grid offsets (25097f0); the 512 images spread over the folder, not its first 512 classes (af0ec74)",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
