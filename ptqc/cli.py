@@ -460,7 +460,8 @@ def export_int(model, output):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--images", required=True, help="Folder of labelled images.")
 @click.option("--labels", required=True, help="File with 'filename index' per line.")
-@click.option("--limit", type=int, default=None, help="Evaluate the first N images only.")
+@click.option("--limit", type=int, default=None,
+              help="Evaluate N images only (spread over the folder, as --calib-size takes them).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @_preprocess_options
 @_fail_cleanly

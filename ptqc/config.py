@@ -29,10 +29,11 @@ class QuantConfig:
     #: with saturation, and a signed input sits around 128 in its uint8 container, so full-range weights
     #: saturate there and onnxruntime stops computing what integer hardware computes (docs/integer.md)
     pair_safe_first: bool = True
-    #: calibration samples (of an image folder, N spread over its sorted names: ``data.spread_order``).  512: GPTQ and block reconstruction read every one of
-    #: them, and they overfit fewer (MobileNetV2 w4a4, logit SNR on calibration-split images 768-999: 2.73 dB
-    #: at 256, 3.68 dB at 512, 3.92 dB at 768; val500 top-1 67.6, 69.6 (68.5 over three seeds), 67.2, and 67.0
-    #: on all 1000; 182 / 212 / 246 / 264 s, peak memory 4.4 GB at 1000)
+    #: calibration samples (of an image folder, N spread over its sorted names: ``data.spread_order``).
+    #: 512: GPTQ and block reconstruction read every one of them, and they overfit fewer (MobileNetV2 w4a4,
+    #: logit SNR on calibration-split images 768-999: 2.73 dB at 256, 3.68 dB at 512, 3.92 dB at 768; val500
+    #: top-1 67.6, 69.6 (68.5 over three seeds), 67.2, and 67.0 on all 1000; 182 / 212 / 246 / 264 s, peak
+    #: memory 4.4 GB at 1000; measured on the first N images in sorted order, before data.spread_order)
     calib_size: int = 512
     batch_size: int = 16
     #: activation exponent rule: "mse" (least squared error on the histogram), "max" (no clipping), or
