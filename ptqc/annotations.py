@@ -112,8 +112,9 @@ class WeightQuant:
             self.q, self.exps = np.asarray(k).astype(np.int64), e
             return
         m = offset_factor(z)
-        rows = lambda a: self.row_view(a, np.ndim(k))  # noqa: E731
-        self.q = np.round(rows(m) * (np.asarray(k, np.float64) + rows(z))).astype(np.int64)
+        rank = np.ndim(k)
+        k = np.asarray(k, np.float64)
+        self.q = np.round(self.row_view(m, rank) * (k + self.row_view(z, rank))).astype(np.int64)
         self.exps = e - (m == 2)
 
 
