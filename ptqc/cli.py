@@ -173,6 +173,10 @@ def main(quiet: bool, verbose: bool) -> None:
                    "[default: on when any weights or activations are below 8 bits; with every weight at 8 bits it "
                    "learns the 8-bit layers].")
 @click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
+@click.option("--block-freeze", type=float, default=None,
+              help="Share (0-1) of --block-recon's steps after the warm-up over which its rounding variables are "
+                   "hardened, the most decided first; 0 hardens them all at the end, as AdaRound does "
+                   "[default: 0.8 below 4-bit weights, else 0].")
 @click.option("--weight-offsets/--no-weight-offsets", default=None,
               help="Give each output channel of the inner layers of at most 6 bits a grid offset of 0, 1/2, 1 or "
                    "-1/2 steps (a per-channel weight zero point; scales stay 2^e), chosen by the rounding loss "
@@ -190,7 +194,7 @@ def main(quiet: bool, verbose: bool) -> None:
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, equalize_residual, learn_clip, adaround,
-            adaround_iters, block_recon, block_iters, weight_offsets, act_search, act_borders, rounding, preset, size, mean,
+            adaround_iters, block_recon, block_iters, block_freeze, weight_offsets, act_search, act_borders, rounding, preset, size, mean,
             std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
@@ -211,7 +215,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
              "learn_clip": learn_clip,
              "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
-             "weight_offsets": weight_offsets, "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
+             "block_freeze": block_freeze, "weight_offsets": weight_offsets, "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}

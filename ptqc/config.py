@@ -181,7 +181,7 @@ class QuantConfig:
             raise PtqcError(f"--block-iters and block_samples must be at least 1, got {self.block_iters} "
                             f"and {self.block_samples}")
         if self.block_freeze is not None and not 0.0 <= self.block_freeze <= 1.0:
-            raise PtqcError(f"block_freeze must be between 0 and 1, got {self.block_freeze}")
+            raise PtqcError(f"--block-freeze must be between 0 and 1, got {self.block_freeze}")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
 

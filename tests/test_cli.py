@@ -98,9 +98,19 @@ def test_block_recon_is_on_below_8_bit_weights_unless_turned_off(model_path, cal
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["ptqc.config.block_recon"] == expected
     assert meta["ptqc.config.block_iters"] == "300"
+    assert meta["ptqc.config.block_freeze"] == "auto: 0.0"  # 4-bit weights: AdaRound's annealing alone
     methods = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "ptqc.methods"]
     assert any("block-recon" in m for m in methods) == ran
     assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-iters", 0), "at least 1")
+    assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-freeze", 1.5), "between 0 and 1")
+
+
+def test_block_freeze_flag_reaches_the_config(model_path, calib_npy, tmp_path):
+    result = invoke("compile", model_path, "--w2a4", "--calib", calib_npy, "--no-adaround", "--block-iters", 20,
+                    "--block-freeze", 0.5)
+    assert result.exit_code == 0, result.output
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "net.ptqc.onnx")).metadata_props}
+    assert meta["ptqc.config.block_freeze"] == "0.5"
 
 
 def test_compile_from_image_folder_with_a_corrupt_image(model_path, image_dir, tmp_path):
