@@ -8,7 +8,7 @@ import ptqc
 from graphs import branches, inputs, mobilenet_like, strided_residual
 from ptqc import loader, runtime, simulate
 from ptqc.annotations import WEIGHT
-from ptqc.blockrec import Program, sample_windows
+from ptqc.blockrec import Program, sample_windows, select
 from ptqc.data import ArrayData
 from ptqc.passes.reconstruct_blocks import _float, _segments, find_blocks, reconstructed_blocks
 from ptqc.pipeline import build_passes
@@ -218,3 +218,20 @@ def test_adaround_by_default_leaves_the_block_layers_to_block_reconstruction(ada
         assert ("adaround" in n.meta[WEIGHT].methods) == (n.name not in inside or not outside_only), n.name
     expected = "auto: outside blocks" if adaround is None else "True"
     assert cfg.as_metadata()["ptqc.config.adaround"] == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_select_matches_a_masked_copy_bit_for_bit(dtype):
+    rng = np.random.default_rng(3)
+    dst = rng.standard_normal((64, 3, 3, 17)).astype(dtype)
+    src = rng.standard_normal(dst.shape).astype(dtype)
+    dst.reshape(-1)[:4] = [-0.0, np.nan, np.inf, 1.0]
+    src.reshape(-1)[:4] = [0.0, 1.0, -np.inf, np.nan]
+    where = rng.random(dst.shape) < 0.5
+    where.reshape(-1)[:4] = True
+    expected = dst.copy()
+    np.copyto(expected, src, where=where)
+    got = select(dst, src, where)
+    assert got is dst
+    assert expected.tobytes() == got.tobytes()
+    assert not np.array_equal(got, src, equal_nan=True)  # the mask really mixed both
