@@ -172,7 +172,8 @@ def main(quiet: bool, verbose: bool) -> None:
                    "output, with its activation quantizers in the loop (BRECQ/QDrop-style, numpy) "
                    "[default: on when any weights or activations are below 8 bits; with every weight at 8 bits it "
                    "learns the 8-bit layers].")
-@click.option("--block-iters", type=int, default=None, help="Adam steps per block for --block-recon [default: 300].")
+@click.option("--block-iters", type=int, default=None,
+              help="Adam steps per block for --block-recon [default: 600 below 4-bit weights, else 300].")
 @click.option("--block-freeze", type=float, default=None,
               help="Share (0-1) of --block-recon's steps after the warm-up over which its rounding variables are "
                    "hardened, the most decided first; 0 hardens them all at the end, as AdaRound does "

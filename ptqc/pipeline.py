@@ -110,7 +110,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         *([AdaRoundLayersPass(data, config.batch_size, config.adaround_samples, config.adaround_iters,
                                 outside_blocks=config.adaround_outside_blocks)]
           if config.use_adaround else []),
-        *([ReconstructBlocksPass(data, config.batch_size, config.recon_samples, config.block_iters,
+        *([ReconstructBlocksPass(data, config.batch_size, config.recon_samples, config.recon_iters,
                                  learn_8bit=config.block_recon_8bit, freeze=config.recon_freeze)]
           if config.use_block_recon else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),

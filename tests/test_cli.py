@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from graphs import Builder, inputs, resnet_like
+import ptqc
 from ptqc.cli import main
 from ptqc.data import ImageFolder, Preprocess, spread_order
 
@@ -103,6 +104,12 @@ def test_block_recon_is_on_below_8_bit_weights_unless_turned_off(model_path, cal
     assert any("block-recon" in m for m in methods) == ran
     assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-iters", 0), "at least 1")
     assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-freeze", 1.5), "between 0 and 1")
+
+
+def test_block_steps_default_to_600_below_4_bit_weights():
+    meta = {bits: ptqc.QuantConfig(*bits).as_metadata()["ptqc.config.block_iters"] for bits in ((2, 4), (3, 3), (4, 4))}
+    assert meta == {(2, 4): "auto: 600", (3, 3): "auto: 600", (4, 4): "auto: 300"}
+    assert ptqc.QuantConfig(2, 4, block_iters=50).recon_iters == 50
 
 
 def test_block_freeze_flag_reaches_the_config(model_path, calib_npy, tmp_path):
