@@ -307,7 +307,8 @@ class QuantConfig:
                               ("equalize_channels", self.use_equalize_channels),
                               ("equalize_residual", self.use_equalize_residual),
                               ("gptq_samples", self.moment_samples), ("block_samples", self.recon_samples),
-                              ("block_freeze", self.recon_freeze), ("block_iters", self.recon_iters), ("weight_offsets", self.use_weight_offsets)):
+                              ("block_freeze", self.recon_freeze), ("block_iters", self.recon_iters),
+                              ("weight_offsets", self.use_weight_offsets)):
             if getattr(self, key) is None:
                 out[f"ptqc.config.{key}"] = f"auto: {resolved}"
         if self.adaround_outside_blocks:
