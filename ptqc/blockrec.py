@@ -314,13 +314,10 @@ class Program:
             else:
                 lo, hi = self.block.bounds[node.name]
                 if record:
-                    below = None if lo is None else ins[0] > lo
-                    above = None if hi is None else ins[0] < hi
-                    if below is None or above is None:
-                        tape[node.name] = np.ones(ins[0].shape, bool) if below is None and above is None else (
-                            above if below is None else below)
-                    else:
-                        tape[node.name] = np.logical_and(below, above, out=below)
+                    passes = None if lo is None else ins[0] > lo
+                    if hi is not None:
+                        passes = ins[0] < hi if passes is None else np.logical_and(passes, ins[0] < hi, out=passes)
+                    tape[node.name] = np.ones(ins[0].shape, bool) if passes is None else passes
                 y = np.clip(ins[0], lo, hi)
             q = quant.get(out) if quantize and out != self.block.output else None
             if q is not None:
