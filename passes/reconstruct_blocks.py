@@ -18,7 +18,11 @@ any quantized layer), the pass guarantees:
 * with ``freeze`` > 0, the rounding variables are hardened progressively, the most decided first (see
   ``blockrec.reconstruct``), so the codes the run ends with are the ones its last steps trained around;
 * on (up to 4096 of) its quantized input windows, the block's output error is never above that of its starting
-  codes and biases.
+  codes and biases;
+* with ``borders``, each of the block's inner activations below 8 bits (read only inside the block) is rounded
+  at AQuant borders (``meta[ACT].border``, one per channel and level, on the 1/32 grid) learned on the block
+  output once the rounding is final (``blockrec.fit_borders``), if they lower the error on those 4096 windows,
+  which they were not learned on; later blocks' inputs are computed with them (``CutInputs.set_border``).
 
 8-bit layers inside a block keep their codes and take part as fixed quantized layers, unless the pass is built
 with ``learn_8bit=True``: then every quantized layer of every block is learned, 8-bit ones on their 8-bit grids.
@@ -38,9 +42,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqc import progress, simulate
-from ptqc.annotations import WEIGHT
+from ptqc.annotations import ACT, WEIGHT
 from ptqc.blockrec import SUPPORTED, Block, Layer, Program, Windows, conv_spec, reconstruct, sample_windows
 from ptqc.data import Dataset
+from ptqc.passes.emit_qdq import container
 from ptqc.passes.fold_batchnorm import const
 
 logger = logging.getLogger(__name__)
@@ -123,6 +128,23 @@ def reconstructed_blocks(graph: ir.Graph, learn_8bit: bool = False) -> list[tupl
     return out
 
 
+def _border_tensors(block: Block, values: dict[str, ir.Value]) -> list[str]:
+    """The block's inner activations below 8 bits that can take a rounding border: a channel axis, more than
+    one code, and every reader inside the block."""
+    inner = {n.name for n in block.nodes}
+    names = []
+    for name in block.quant:
+        v = values.get(name)
+        if name in (block.input, block.output) or v is None or v.meta[ACT].bits >= 8:
+            continue
+        if v.shape is None or len(v.shape) < 2 or not isinstance(v.shape[1], int):
+            continue
+        zp, lo, hi = container(v.meta[ACT])
+        if hi > lo and all(u.node.name in inner for u in v.uses()):
+            names.append(name)
+    return names
+
+
 def _float(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
     w = const(node.inputs[1]).astype(np.float64)
     b = const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -134,8 +156,9 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
 
     def __init__(self, data: Dataset, batch_size: int = 16, samples: int = 128, iters: int = 300,
                  windows: int = 16384, out: int = 2, batch: int = 128, seed: int = 0, learn_8bit: bool = False,
-                 freeze: float = 0.0):
+                 freeze: float = 0.0, borders: bool = False):
         super().__init__()
+        self.borders = borders
         self.learn_8bit = learn_8bit
         self.freeze = freeze
         self.data = data
@@ -154,8 +177,11 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
         # the inputs of every block, quantized and float, for all the images; moved from block to block
+        values = {v.name: v for v in simulate.planned_values(model)}
+        bordered = {b.output: _border_tensors(b, values) for b in blocks} if self.borders else {}
         stream = simulate.CutInputs(model, quantized, quantized=True,
-                                    batches=list(self.data.head(self.samples, self.batch_size)))
+                                    batches=list(self.data.head(self.samples, self.batch_size)),
+                                    border_inputs=sorted({n for names in bordered.values() for n in names}))
         rng = np.random.default_rng(self.seed)
         before = after = 0.0
         for block in progress.steps(blocks, "block reconstruction", unit="block"):
@@ -186,8 +212,13 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
                     learn[n.name] = Layer(float_weights[n.name][0], np.exp2(e.astype(np.float64)).reshape(-1, 1, 1, 1),
                                           wq.bits, k.astype(np.float64), wq.bias.astype(np.float64),
                                           z.reshape(-1, 1, 1, 1))
+            start = {n: np.full((len(range(*container(values[n].meta[ACT])[1:])), values[n].shape[1]), 0.5)
+                     for n in bordered.get(block.output, [])}
             res = reconstruct(prog, data, float_weights, fixed, learn, iters=self.iters, batch=self.batch,
-                              seed=self.seed, freeze=self.freeze)
+                              seed=self.seed, freeze=self.freeze, borders=start or None)
+            for name, border in res.borders.items():
+                values[name].meta[ACT].border = np.ascontiguousarray(border.T)
+                stream.set_border(name, values[name].meta[ACT].border)
             before, after = before + res.before, after + res.after
             logger.debug("block %s..%s: output error %.4g -> %.4g", block.layers[0].name, block.layers[-1].name,
                          res.before, res.after)

@@ -111,12 +111,13 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
                                 outside_blocks=config.adaround_outside_blocks)]
           if config.use_adaround else []),
         *([ReconstructBlocksPass(data, config.batch_size, config.recon_samples, config.recon_iters,
-                                 learn_8bit=config.block_recon_8bit, freeze=config.recon_freeze)]
+                                 learn_8bit=config.block_recon_8bit, freeze=config.recon_freeze,
+                                 borders=config.act_borders)]
           if config.use_block_recon else []),
         *([SearchActExponentsPass(data, config.batch_size, config.search_samples)] if config.use_search else []),
         LegalizeScalesPass(),
         *([LearnActBordersPass(data, config.batch_size, config.border_samples)]
-          if config.act_borders and data is not None else []),
+          if config.act_borders and not config.use_block_recon and data is not None else []),
         EmitQdqPass(config.rounding),
     ]
 

@@ -291,12 +291,15 @@ class CutInputs:
     Memory: the values of the current tensor (quantized and float) for every batch, plus the batches.
     """
 
-    def __init__(self, model: ir.Model, fed: list[ir.Node], quantized: bool, batches: list[np.ndarray]):
+    def __init__(self, model: ir.Model, fed: list[ir.Node], quantized: bool, batches: list[np.ndarray],
+                 border_inputs: list[str] | None = None):
         graph = model.graph
         self.input_name = next(v.name for v in graph.inputs if v.name not in graph.initializers)
-        self._sim = build(model, weight_inputs=True).proto
+        self._sim = build(model, weight_inputs=True, border_inputs=border_inputs).proto
         self._float = ir.serde.serialize_model(model)
-        self.weights: dict[str, np.ndarray] = {}
+        self._model = model
+        #: fed arrays: every layer's weight and bias, and the thresholds of the ``border_inputs`` tensors
+        self.weights: dict[str, np.ndarray] = border_feed(model, border_inputs) if border_inputs else {}
         for node in fed:
             self.weights.update(layer_arrays(node, quantized=quantized))
         self.batches = [np.ascontiguousarray(b, np.float32) for b in batches]
@@ -333,6 +336,11 @@ class CutInputs:
     def floats(self, names: list[str]) -> list[list[np.ndarray]]:
         """The float model's values of ``names`` (tensors after the current one), per batch."""
         return self._run(self._float, self.name, self.x_f, names, "a part of the float model")
+
+    def set_border(self, name: str, border: np.ndarray) -> None:
+        """From the next :meth:`advance` on, the simulation rounds tensor ``name`` (one of the ``border_inputs``)
+        at ``border`` (channels x levels)."""
+        self.weights.update(border_feed(self._model, [name], {name: border}))
 
     def fix(self, layer: ir.Node) -> None:
         """From the next :meth:`advance` on, the simulation computes ``layer`` with its integer weights and bias."""
