@@ -38,8 +38,9 @@ reconstruction rounding at the borders, MobileNetV2 scored 58.8 / 53.5% / 2.31 d
 reconstruction (GPTQ and bias correction only) the borders raise the logit SNR but still lower top-1:
 51.6 / 48.5% / 0.40 dB -> 45.6 / 44.4% / 1.39 dB.  A border that pulls each value towards its float
 expectation given the quantized one shrinks the tensor towards its mean, which lowers the squared error and
-also the margins the classifier needs.  AQuant learns the border inside block reconstruction on the block's
-output loss, jointly with the weight rounding; that is not built.
+also the margins the classifier needs.  With block reconstruction, the pipeline does not run this pass:
+``reconstruct_blocks`` learns the borders of each block's inner activations on the block's output instead,
+AQuant's way (docs/design.md).
 """
 
 from __future__ import annotations

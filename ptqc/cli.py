@@ -185,8 +185,9 @@ def main(quiet: bool, verbose: bool) -> None:
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @click.option("--act-borders", is_flag=True,
-              help="AQuant: a rounding border per channel and level for activations below 8 bits, fitted to the float "
-                   "model's values; written as explicit ops (ptqc inspect counts them; export-int refuses them).")
+              help="AQuant: a rounding border per channel and level for activations below 8 bits, learned on each "
+                   "block's output after its rounding (fitted to the float model's values with --no-block-recon); "
+                   "written as explicit ops (ptqc inspect counts them; export-int refuses them).")
 @click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
               help="How requantizing shifts round: half-even (QuantizeLinear's rule) or half-up (add 2^(m-1), "
                    "shift), which costs one Add per requantizing op.")

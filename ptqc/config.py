@@ -56,9 +56,12 @@ class QuantConfig:
     #: agreement with FP32 (16.3% -> 10.9%) and cost 150 s.
     act_search: bool = False
     search_samples: int = 64
-    #: AQuant: a rounding border per channel and integer level for every activation below 8 bits, fitted to
-    #: the float model's values on ``border_samples`` images and written as explicit ops (``ptqc inspect``
-    #: counts them).  Off by default: MobileNetV2 w4a4 held-out agreement 65.5% -> 58.3% (docs/design.md)
+    #: AQuant: a rounding border per channel and integer level for the activations below 8 bits, written as
+    #: explicit ops (``ptqc inspect`` counts them).  With block reconstruction, each block's inner activations
+    #: get borders learned on the block output once its rounding is final (``blockrec.fit_borders``), and no
+    #: other tensor gets one; without it, every low-bit activation gets borders fitted to the float model's
+    #: values on ``border_samples`` images (``learn_act_borders``).  Off by default: at w4a4 the learned
+    #: borders moved top-1 by less than the block seeds do, and at w2a4 they lowered it (docs/design.md)
     act_borders: bool = False
     border_samples: int = 64
     #: below 8 bits, give Relu/Clip outputs between weighted layers a least-squares *continuous* clipping
