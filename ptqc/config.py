@@ -192,6 +192,9 @@ class QuantConfig:
             raise PtqcError(f"--block-freeze must be between 0 and 1, got {self.block_freeze}")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.act_borders and self.act_search and self.use_block_recon:
+            raise PtqcError("--act-borders learns its borders in block reconstruction, on exponents that --act-search "
+                            "moves afterwards; use one of them, or add --no-block-recon")
 
     @property
     def tag(self) -> str:

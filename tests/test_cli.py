@@ -104,6 +104,9 @@ def test_block_recon_is_on_below_8_bit_weights_unless_turned_off(model_path, cal
     assert any("block-recon" in m for m in methods) == ran
     assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-iters", 0), "at least 1")
     assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--block-freeze", 1.5), "between 0 and 1")
+    # borders learned in the blocks sit on exponents the search would move afterwards
+    assert_fails(invoke("compile", model_path, "--w4a4", "--calib", calib_npy, "--act-borders", "--act-search"),
+                 "--act-search")
 
 
 def test_block_steps_default_to_600_below_4_bit_weights():
