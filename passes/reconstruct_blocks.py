@@ -128,11 +128,11 @@ def reconstructed_blocks(graph: ir.Graph, learn_8bit: bool = False) -> list[tupl
     return out
 
 
-def _border_tensors(block: Block, values: dict[str, ir.Value]) -> list[str]:
-    """The block's inner activations below 8 bits that can take a rounding border: a channel axis, more than
-    one code, and every reader inside the block."""
+def _border_tensors(block: Block, values: dict[str, ir.Value]) -> dict[str, tuple[int, int]]:
+    """The block's inner activations below 8 bits that can take a rounding border (a channel axis, more than
+    one code, and every reader inside the block), each with its border table's shape (levels, channels)."""
     inner = {n.name for n in block.nodes}
-    names = []
+    names = {}
     for name in block.quant:
         v = values.get(name)
         if name in (block.input, block.output) or v is None or v.meta[ACT].bits >= 8:
@@ -141,7 +141,7 @@ def _border_tensors(block: Block, values: dict[str, ir.Value]) -> list[str]:
             continue
         zp, lo, hi = container(v.meta[ACT])
         if hi > lo and all(u.node.name in inner for u in v.uses()):
-            names.append(name)
+            names[name] = (hi - lo, v.shape[1])
     return names
 
 
@@ -212,8 +212,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
                     learn[n.name] = Layer(float_weights[n.name][0], np.exp2(e.astype(np.float64)).reshape(-1, 1, 1, 1),
                                           wq.bits, k.astype(np.float64), wq.bias.astype(np.float64),
                                           z.reshape(-1, 1, 1, 1))
-            start = {n: np.full((len(range(*container(values[n].meta[ACT])[1:])), values[n].shape[1]), 0.5)
-                     for n in bordered.get(block.output, [])}
+            start = {n: np.full(shape, 0.5) for n, shape in bordered.get(block.output, {}).items()}
             res = reconstruct(prog, data, float_weights, fixed, learn, iters=self.iters, batch=self.batch,
                               seed=self.seed, freeze=self.freeze, borders=start or None)
             for name, border in res.borders.items():

@@ -36,6 +36,15 @@ def _init_v(frac: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def adam_step(param: np.ndarray, grad: np.ndarray, moments: list, k: int, lr: float, beta1: float = 0.9,
+              beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step on ``param``, in place.  ``moments`` is its [first, second] moment pair, replaced in place
+    (0.0 before the first step); ``k`` counts the steps from 1."""
+    moments[0] = beta1 * moments[0] + (1 - beta1) * grad
+    moments[1] = beta2 * moments[1] + (1 - beta2) * grad**2
+    param -= lr * (moments[0] / (1 - beta1**k)) / (np.sqrt(moments[1] / (1 - beta2**k)) + eps)
+
+
 def activation(y: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
     if lo is None and hi is None:
         return y
@@ -133,10 +142,8 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
     target = activation(apply(w, x_f) + b0[None].astype(np.float32), lo, hi)
     scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)
     before = layer_loss(s * (start + z), b, x_q, target, lo, hi)
-    # Adam state for V and b
-    mv, vv, mb, vb = np.zeros_like(v), np.zeros_like(v), np.zeros_like(b), np.zeros_like(b)
+    moments_v, moments_b = [0.0, 0.0], [0.0, 0.0]  # Adam's, for V and b
     b_lr = lr * max(float(np.sqrt(np.mean(b0**2))), 1e-3) * 0.1
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     count = max(1, int(warmup * iters))
     for it in range(iters):
         idx = rng.integers(0, n, size=min(batch, n))
@@ -160,13 +167,8 @@ def adaround(w: np.ndarray, exps: np.ndarray, bits: int, bias: np.ndarray, x_q: 
             # d/dh of lam * mean(1 - |2h - 1|^beta)
             grad_h = -lam * beta * np.abs(t) ** (beta - 1) * np.sign(t) * 2 / h.size
             grad_v = grad_v + grad_h * ((h_raw > 0) & (h_raw < 1)) * (ZETA - GAMMA) * sig * (1 - sig)
-        k = it + 1
-        mv = beta1 * mv + (1 - beta1) * grad_v
-        vv = beta2 * vv + (1 - beta2) * grad_v**2
-        v -= lr * (mv / (1 - beta1**k)) / (np.sqrt(vv / (1 - beta2**k)) + eps)
-        mb = beta1 * mb + (1 - beta1) * grad_b
-        vb = beta2 * vb + (1 - beta2) * grad_b**2
-        b -= b_lr * (mb / (1 - beta1**k)) / (np.sqrt(vb / (1 - beta2**k)) + eps)
+        adam_step(v, grad_v, moments_v, it + 1, lr)
+        adam_step(b, grad_b, moments_b, it + 1, b_lr)
     codes = np.clip(base + (_h(v) >= 0.5), qmin, qmax)
     after = layer_loss(s * (codes + z), b, x_q, target, lo, hi)
     if after > before:

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from ptqc.adaround import GAMMA, ZETA, _h, _init_v
+from ptqc.adaround import GAMMA, ZETA, _h, _init_v, adam_step
 from ptqc.annotations import ACT
 from ptqc.passes.emit_qdq import container
 from ptqc.passes.fold_batchnorm import const
@@ -507,32 +507,28 @@ def _output_grad(y: np.ndarray, target: np.ndarray, lo, hi, scale: float) -> np.
 
 
 def fit_borders(prog: Program, data: Windows, weights, target: np.ndarray, lo, hi, start: dict[str, np.ndarray],
-                iters: int = BORDER_ITERS, batch: int = 128,
+                pool: np.ndarray | None = None, iters: int = BORDER_ITERS, batch: int = 128,
                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """AQuant's rounding borders (tensor -> levels x channels) of the block's inner activations named in
     ``start``, learned by Adam (``BORDER_LR``, gradient :func:`border_grad`) on the block output error with
-    ``weights`` fixed; every element quantized and the input quantized, as at inference.  Each border stays in
-    ``[1, BORDER_STEPS] / BORDER_STEPS`` and ends on that grid, where the written model's ops are exact."""
+    ``weights`` fixed, on the windows ``pool`` (all of them by default); every element quantized and the input
+    quantized, as at inference.  Each border stays in ``[1, BORDER_STEPS] / BORDER_STEPS`` and ends on that
+    grid, where the written model's ops are exact."""
     rng = rng or np.random.default_rng(0)
-    scale = max(float(np.mean(target.astype(np.float64) ** 2)), 1e-12)
+    pool = np.arange(data.x_q.shape[0]) if pool is None else pool
+    scale = max(float(np.mean(target[pool].astype(np.float64) ** 2)), 1e-12)
     low = 1.0 / BORDER_STEPS
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     # p: Adam's variable; the borders in use are clip(p), so a p pushed past an end can come back
     state = {name: dict(p=np.asarray(b0, np.float64).copy(), m=[0.0, 0.0]) for name, b0 in start.items()}
-    n = data.x_q.shape[0]
     for it in range(iters):
-        idx = rng.integers(0, n, size=min(batch, n))
+        idx = pool[rng.integers(0, pool.size, size=min(batch, pool.size))]
         sub = data.take(idx)
         current = {name: np.clip(st["p"], low, 1.0) for name, st in state.items()}
         y, tape = prog.forward(sub.x_q, sub.masks, weights, quantize=True, borders=current)
         g = _output_grad(y, target[idx], lo, hi, scale)
         grads = prog.backward(g, tape, sub.masks, weights, weight_grads=False)
-        k = it + 1
         for name, st in state.items():
-            gb, m = grads[name + "/border"], st["m"]
-            m[0] = beta1 * m[0] + (1 - beta1) * gb
-            m[1] = beta2 * m[1] + (1 - beta2) * gb**2
-            st["p"] -= BORDER_LR * (m[0] / (1 - beta1**k)) / (np.sqrt(m[1] / (1 - beta2**k)) + eps)
+            adam_step(st["p"], grads[name + "/border"], st["m"], it + 1, BORDER_LR)
     return {name: np.clip(np.round(st["p"] * BORDER_STEPS), 1, BORDER_STEPS) / BORDER_STEPS
             for name, st in state.items()}
 
@@ -568,7 +564,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         inside = (layer.codes == base) | (layer.codes == base + 1)
         frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - layer.z - base)
         state[name] = dict(v=_init_v(frac), base=base, b=layer.bias.astype(np.float64).copy(), qmin=qmin, qmax=qmax,
-                           m=[0.0, 0.0, 0.0, 0.0], frozen=np.zeros(base.shape, bool), hard=0,
+                           mv=[0.0, 0.0], mb=[0.0, 0.0], frozen=np.zeros(base.shape, bool), hard=0,
                            b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1)
 
     def hard(name) -> tuple[np.ndarray, np.ndarray]:
@@ -582,7 +578,6 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     sub_p, target_p = data.take(probe), target[probe]
     before = _loss(prog, sub_p, start, target_p, lo, hi)
     count = max(1, int(warmup * iters))
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
     # progressive hardening: from the end of the warm-up until ``freeze`` of the way through the run, the most
     # decided rounding variables are set to their hard value (v at +-FROZEN, where the rectified sigmoid is flat),
     # a growing share each step, so that the ones still soft learn to compensate the ones already rounded
@@ -600,7 +595,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
                 v[pick] = np.where(_h(v[pick]) >= 0.5, FROZEN, -FROZEN)
                 st["frozen"].reshape(-1)[pick] = True
                 st["hard"] += want
-                for m in st["m"][:2]:  # arrays since the first step (the warm-up has at least one)
+                for m in st["mv"]:  # arrays since the first step (the warm-up has at least one)
                     m.reshape(-1)[pick] = 0.0
         idx = rng.integers(0, n, size=min(batch, n))
         sub = data.take(idx)
@@ -617,7 +612,6 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         y, tape = prog.forward(x, sub.masks, weights, quantize=True, drop=drop, rng=rng)
         grads = prog.backward(_output_grad(y, target[idx], lo, hi, scale), tape, sub.masks, weights)
         beta = 20.0 + (2.0 - 20.0) * (it - count) / max(1, iters - count)
-        k = it + 1
         for name, st in state.items():
             sig, h_raw, q_soft = soft[name]
             dw, db = grads[name]
@@ -633,13 +627,8 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
                 # ended between 0.01 and 0.99 (3-11% with the square root), and the hard codes lost what the
                 # soft ones had learned (block Conv_10..14 output error 8.40 -> 7.30, with the root 6.63)
                 gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / np.sqrt(h.size) * dh
-            m = st["m"]
-            m[0] = beta1 * m[0] + (1 - beta1) * gv
-            m[1] = beta2 * m[1] + (1 - beta2) * gv**2
-            st["v"] -= lr * (m[0] / (1 - beta1**k)) / (np.sqrt(m[1] / (1 - beta2**k)) + eps)
-            m[2] = beta1 * m[2] + (1 - beta1) * db
-            m[3] = beta2 * m[3] + (1 - beta2) * db**2
-            st["b"] -= st["b_lr"] * (m[2] / (1 - beta1**k)) / (np.sqrt(m[3] / (1 - beta2**k)) + eps)
+            adam_step(st["v"], gv, st["mv"], it + 1, lr)
+            adam_step(st["b"], db, st["mb"], it + 1, st["b_lr"])
     final = {name: hard(name) for name in learn}
     end = {**fixed, **{n: (learn[n].s * (c + learn[n].z), b) for n, (c, b) in final.items()}}
     after = _loss(prog, sub_p, end, target_p, lo, hi)
@@ -647,7 +636,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     if borders:
         # the borders see only windows the check does not use, so the check is a fair test of them
         pool = np.setdiff1d(np.arange(n), probe) if n > probe.size else np.arange(n)
-        learned = fit_borders(prog, data.take(pool), end, target[pool], lo, hi, borders, batch=batch, rng=rng)
+        learned = fit_borders(prog, data, end, target, lo, hi, borders, pool, batch=batch, rng=rng)
         with_borders = _loss(prog, sub_p, end, target_p, lo, hi, borders=learned)
         if with_borders < after:
             after = with_borders
