@@ -5,7 +5,9 @@
     python bench/render.py bench/results/compile.jsonl > docs/benchmarks.md
 
 Prints one JSON line per measurement (and appends it to --out).  Each compile runs in a child process, so
-its seconds and peak RSS are its own.  Models and images come from --shared (default $PTQC_SHARED or
+its seconds and peak RSS are its own.  Every record names the commit of the checkout this script sits in
+(``-dirty`` when its ptqc/ or passes/ differ from that commit), so run it from the checkout whose ptqc is
+installed: ``git worktree add /tmp/snap <commit>; pip install /tmp/snap; python /tmp/snap/bench/...``.  Models and images come from --shared (default $PTQC_SHARED or
 ../shared); without them the script exits with a message.
 """
 
@@ -39,6 +41,20 @@ VARIANTS = {
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def source_commit() -> str | None:
+    """The short commit of the checkout this script is in, ``-dirty`` if its ptqc/ or passes/ differ from it;
+    None outside a git checkout."""
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "ptqc",
+                                "passes"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def peak_rss_mb() -> float:
@@ -173,6 +189,7 @@ def main() -> None:
         sys.exit(f"bench: {args.shared}/imagenet not found; pass --shared or set PTQC_SHARED")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     work = args.workdir or tempfile.mkdtemp(prefix="ptqc-bench-")
+    commit = source_commit()
     for name in args.models:
         model = os.path.join(args.shared, "models", f"{name}.onnx")
         if not os.path.exists(model):
@@ -180,7 +197,8 @@ def main() -> None:
             continue
         pre = MODELS[name]
         x, y = load_labelled(val, os.path.join(val, "labels.txt"), make_preprocess(pre))
-        common = {"model": name, "calib_images": args.calib_size, "val_images": int(len(y)), "threads": args.threads}
+        common = {"model": name, "calib_images": args.calib_size, "val_images": int(len(y)), "threads": args.threads,
+                  **({"commit": commit} if commit else {})}
         fp = evaluate_arrays(model, x, y, threads=args.threads)
         rec = {**common, "method": "fp32", **fp.as_dict()}
         if not args.no_latency:

@@ -92,8 +92,8 @@ def main() -> None:
     for model in models:
         mrows = [r for r in rows if r["model"] == model]
         out += [f"## {model}", "",
-                "| method | calib | top-1 | top-5 | drop | compile s | peak RSS MB | lat b1 ms | lat b32 ms | int8 convs | inspect |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| method | calib | top-1 | top-5 | drop | compile s | peak RSS MB | lat b1 ms | lat b32 ms | int8 convs | inspect | commit |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mrows:
             if "top1" not in r:
                 continue
@@ -102,7 +102,7 @@ def main() -> None:
                 fmt(r.get("drop_top1"), 1), fmt(r.get("compile_s"), 1), fmt(r.get("peak_rss_mb"), 0),
                 fmt(r.get("lat_b1_ms")), fmt(r.get("lat_b32_ms"), 1),
                 f"{r['int8_convs']}/{r['int8_convs'] + r['float_convs']}" if "int8_convs" in r else "–",
-                fmt(r.get("inspect_ok")),
+                fmt(r.get("inspect_ok")), r.get("commit", "–"),
             ]) + " |")
         sweep = [r for r in mrows if "top1" not in r]
         if sweep:
