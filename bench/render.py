@@ -34,59 +34,33 @@ def main() -> None:
     # keep the last record per (model, method, calib_images)
     latest: OrderedDict = OrderedDict()
     for r in rows:
-        latest[(r["model"], r["method"], r.get("calib_images"))] = r
+        key = (r["model"], r["method"], r.get("calib_images"))
+        # FP32 is the same model in every run: a later record without latency keeps the earlier one's
+        latest[key] = {**latest.get(key, {}), **r} if r["method"] == "fp32" else r
     rows = list(latest.values())
     out = ["# Benchmarks", "",
-           "Produced by `python bench/bench_compile.py --rss-sweep` and rendered by `python bench/render.py`; raw",
-           "records in `bench/results/compile.jsonl`. Machine: 2 cores, no GPU; onnxruntime CPU, 2 intra-op threads.",
-           "Accuracy on the 500 images of `imagenet/val`, calibration on N images of `imagenet/calib` (before",
-           "the af0ec74 snapshot the first N in sorted order, i.e. its first N classes; from it on N spread over",
-           "the sorted names: docs/design.md). `drop` = FP32 top-1 minus quantized top-1, on the same images. Latency is the median",
-           "of 30 (batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
-           "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Compile seconds and peak RSS are those",
-           "of a separate process doing only the compile (image decoding included, for both tools).",
-           "Where a configuration was measured twice, the later record is shown. The w8a8 and onnxruntime rows",
-           "come from one run (GPTQ at every width, pair-safe first layer, statistics reduced inside the",
-           "onnxruntime graph).",
-           "The fp32, w4a4 and w2a4 rows (256 images) come from the latest runs (`--bits w2a4 w4a4 --no-ort",
-           "--no-latency`, each compile alone on the machine) on installed snapshots, first of 35f14c5: AdaRound left",
-           "to the layers no block reconstructs, the cheaper block pass, the first layer's output at 8 bits like",
-           "its weights and input (BRECQ/RAPQ's convention; before, it was at the activation width: w4a4 drops",
-           "21.0 / 19.2 / 9.4 for MobileNetV2 / V1 / EfficientNet-Lite0) and block reconstruction's rounding",
-           "term over the square root of each layer's size (docs/design.md); then all from a snapshot of b78114a,",
-           "which also turns the residual-stream scale on under block reconstruction and runs the window",
-           "convolutions as 2-D products (block reconstruction about twice as fast); then the w4a4 rows from 8b0b0ef,",
-           "which learns the clipping thresholds before the blocks too (on a machine about 1.4x slower than for",
-           "b78114a: MobileNetV2's Calibrate pass 13.8 -> 21.6 s); now all from a snapshot of 3b17e7d, which gives",
-           "the low-bit Relu/Clip outputs per-channel thresholds under block reconstruction, half-way where dense",
-           "convs read them (Calibrate pass 18.4 s). All with block reconstruction on and the academic tensor",
-           "set: a conv output only a residual Add reads, and the last conv's output that pooling feeds to the",
-           "classifier, at 8 bits (`--residual-bits`, docs/design.md). The ablation below has the earlier",
-           "configurations without these methods; its `blocks` column is the previous default (every activation at",
-           "the activation width). The w8a4 rows come from a snapshot of 6326ea5 (`--bits w8a4 --no-ort",
-           "--no-latency`), where block reconstruction runs at 8-bit weights too and learns the 8-bit layers",
-           "against the 4-bit activations (before it, w8a4 ran without blocks: docs/design.md). The w4a8 and w3a3",
-           "rows come from a snapshot of fc0a462, which takes the same path as 3b17e7d at those widths (`--bits",
-           "w4a8 w3a3 --no-ort`, each compile alone). The 512-image w4a4 rows come from a snapshot of 9d6bea6",
-           "(`--bits w4a4 w2a4 --calib-size 512 --no-ort --no-latency`), the default since then: the block pass",
-           "moves each block's input on instead of rerunning the network, and GPTQ and the blocks read every",
-           "calibration image. The 512-image w2a4 and w3a3 rows come from a snapshot of 8e3fed5 (`--bits w2a4",
-           "w3a3 --calib-size 512 --no-ort --no-latency`), where block reconstruction hardens the rounding of",
-           "layers below 4 bits progressively (docs/design.md; w2a4 drop on 9d6bea6: MobileNetV2 72.8,",
-           "MobileNetV1 77.0, EfficientNet-Lite0 43.4); they now come from a snapshot of 25097f0 (the same",
-           "command), where inner layers below 4 bits also get per-channel grid offsets, weight zero points of 0,",
-           "1/2, 1 or -1/2 steps (docs/design.md; w2a4 drop on 8e3fed5: MobileNetV2 65.0, MobileNetV1 72.6,",
-           "EfficientNet-Lite0 40.0). All 512-image w4a4, w2a4 and w3a3 rows now come from a snapshot of",
-           "af0ec74 (`--bits w4a4 w2a4 w3a3 --calib-size 512 --no-ort --no-latency`), which calibrates on images",
-           "spread over the folder instead of its first 512 classes (drops before, MobileNetV2 / V1 /",
-           "EfficientNet-Lite0: w4a4 9.0 / 9.6 / 4.8, w2a4 55.8 / 59.6 / 25.0, w3a3 62.0 / 50.4 / 25.0).",
-           "The 512-image w2a4 rows come from a snapshot of ea2bb4a (`--bits w2a4`), where block reconstruction",
-           "takes 600 steps below 4-bit weights instead of 300, paid for by a 20% cheaper step (w2a4 drop on",
-           "af0ec74: MobileNetV2 45.2, MobileNetV1 59.8, EfficientNet-Lite0 28.6).",
-           "The 1024-image w4a4 rows come from the 9d6bea6 snapshot",
-           "(`--bits w4a4 --calib-size 1024`): every pass reads all 1000 images of the calibration split. One compile's top-1 moves by about",
-           "±1-2 points with the windows block reconstruction draws (three seeds, MobileNetV2 w4a4 at 512 images:",
-           "69.6, 67.4, 68.4; docs/design.md).", ""]
+           "Produced by `python bench/bench_compile.py` and rendered by `python bench/render.py`; raw records in",
+           "`bench/results/compile.jsonl`. Machine: 2 cores, no GPU; onnxruntime CPU, 2 intra-op threads. Accuracy on",
+           "the 500 images of `imagenet/val`; calibration on N images of `imagenet/calib` spread over its sorted names",
+           "(`data.spread_order`; N = 1024 reads all 1000). `drop` = FP32 top-1 minus quantized top-1 on the same",
+           "images. Compile seconds and peak RSS are those of a separate process doing only the compile (image",
+           "decoding included, for both tools), each compile alone on the machine. Latency is the median of 30",
+           "(batch 1) or 10 (batch 32) runs; this shared machine's latency varies by about ±20% between runs.",
+           "`int8 convs` counts Conv nodes onnxruntime fused into QLinearConv. Low-bit rows: `--bits ... --calib-size N",
+           "--no-ort --no-latency`.",
+           "",
+           "Each row names the commit it was measured on; where a configuration was measured more than once, the",
+           "last record is shown. Rows with no commit predate the bench recording it: the w8a8 and onnxruntime rows",
+           "come from one run (GPTQ at every width, pair-safe first layer, statistics reduced inside the onnxruntime",
+           "graph; before 8-bit block reconstruction existed), the w8a4 rows from a snapshot of 6326ea5, where block",
+           "reconstruction learns the 8-bit layers against the 4-bit activations. What each method changed, and the",
+           "drops of earlier snapshots, are in docs/design.md and in this file's history.",
+           "",
+           "Read the low-bit rows with their noise: one compile's top-1 moves by 2-4 points with the windows block",
+           "reconstruction draws (MobileNetV2 w4a4 on 512 images, block seeds 0-2: 65.0, 68.8, 69.8; w2a4 seeds 0",
+           "and 1: 34.2, 36.0), so a 256- or 1024-image row beating the 512-image one by less than that is not a",
+           "finding. Below 4-bit weights block reconstruction takes 600 steps with progressive hardening, 300 above.",
+           ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
     for model in models:
@@ -245,7 +219,7 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
     order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "noblockclip",
-             "default", "channels", "allimages", "equalize"]
+             "default", "channels", "now256", "allimages", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
              "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
@@ -255,14 +229,17 @@ def ablation(rows: list[dict]) -> list[str]:
              "noblockclip": "the same, AdaRound only on layers no block reconstructs, first layer's output 8-bit, sharper rounding term, residual-stream scale (b78114a; at w2a4 until 3b17e7d)",
              "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
              "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d)",
-             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5) and per-channel grid offsets (25097f0); the 512 images spread over the folder, not its first 512 classes (af0ec74)",
+             "now256": "the default today, 256 images (the commit is in the model tables)",
+             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5), per-channel grid offsets (25097f0) and 600 block steps (ea2bb4a); the 512 images spread over the folder, not its first 512 classes (af0ec74); the commit is in the model tables",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
     for r in rows:
         variant = r.get("variant")
         passes = r.get("pass_seconds", {})
-        if variant == "default" and r.get("bits") != "w8a8" and "EqualizeChannelsPass" in passes:
+        if variant == "default" and r.get("bits") != "w8a8" and "commit" in r and r.get("calib_images") == 256:
+            variant = "now256"  # a record that names its commit is from after this table's history
+        elif variant == "default" and r.get("bits") != "w8a8" and "EqualizeChannelsPass" in passes:
             variant = "channels"  # per-channel thresholds on by default under block reconstruction (3b17e7d)
         elif variant == "default" and r.get("bits", "").endswith("a8") and r["bits"] != "w8a8" \
                 and "ReconstructBlocksPass" in passes:
@@ -287,8 +264,8 @@ def ablation(rows: list[dict]) -> list[str]:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
     keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells
-                                     if v not in ("default", "channels", "allimages", "adaround", "blocks", "everylayer",
-                                                  "noblockclip")))
+                                     if v not in ("default", "channels", "now256", "allimages", "adaround", "blocks",
+                                                  "everylayer", "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last",
@@ -304,7 +281,9 @@ def ablation(rows: list[dict]) -> list[str]:
            "(b78114a), then with learned thresholds before the blocks (8b0b0ef, on a machine about 1.4x slower;",
            "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell), then with per-channel thresholds",
            "under block reconstruction (3b17e7d, the last column before the equalize one; its w4a8 and w3a3 cells",
-           "are from fc0a462, and at w4a8 the two threshold methods do not apply). The equalize records",
+           "are from fc0a462, and at w4a8 the two threshold methods do not apply). The next column is the default",
+           "of the commit the model tables name, on 256 images; the 512-image one the default, on the images",
+           "it reads by default. The equalize records",
            "were measured before AdaRound became the default, so that column adds `--equalize-channels` to the clip",
            "column, not to the default.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
