@@ -19,7 +19,6 @@ straight-through estimates through the activation quantizers) are written out by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
 
 import numpy as np
 import onnx_ir as ir
@@ -230,10 +229,9 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, c: Conv, out_hw) -
     return y.reshape(cols.shape[:3] + (w.shape[0],))
 
 
-def conv_backward(g: np.ndarray, x: np.ndarray, w: np.ndarray, c: Conv, need_dx: bool, need_dw: bool = True,
-                  need_db: bool | None = None):
+def conv_backward(g: np.ndarray, x: np.ndarray, w: np.ndarray, c: Conv, need_dx: bool, need_dw: bool = True):
     """Gradients in the weights (ONNX layout), the bias and (if asked) the input window; without ``need_dw``
-    the weights' is None, and so is the bias's unless ``need_db`` (which defaults to ``need_dw``)."""
+    only the input's (the weights' and the bias's are None)."""
     out_hw = g.shape[1:3]
     taps = _taps(x, c, out_hw)
     sh, sw = c.strides
@@ -258,7 +256,7 @@ def conv_backward(g: np.ndarray, x: np.ndarray, w: np.ndarray, c: Conv, need_dx:
             dcols = (g2 @ wmat).reshape(g.shape[:3] + (-1,))
             for i, (ky, kx, _) in enumerate(taps):
                 dx[:, ky : ky + (ho - 1) * sh + 1 : sh, kx : kx + (wo - 1) * sw + 1 : sw] += dcols[..., i * cin : (i + 1) * cin]
-    db = g.sum(axis=(0, 1, 2)).astype(np.float64) if (need_dw if need_db is None else need_db) else None
+    db = g.sum(axis=(0, 1, 2)).astype(np.float64) if need_dw else None
     return dw, db, dx
 
 
@@ -404,11 +402,10 @@ class Program:
         return vals[self.block.output], (vals, tape)
 
     def backward(self, grad: np.ndarray, state, masks, weights,
-                 weight_grads: bool | Collection[str] = True) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
-        """Gradients of every Conv's weights and bias, given the gradient at the output window; and, under
-        ``"<tensor>/step"``, of every inner quantizer's step, under ``"<tensor>/border"`` of every rounding
-        border the forward used.  ``weight_grads=False`` skips the Convs' gradients; a collection of Conv names
-        keeps the weights' gradient for those and gives the others their bias's only (the weights' is None)."""
+                 weight_grads: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Gradients of every Conv's weights and bias (not with ``weight_grads=False``), given the gradient at
+        the output window; and, under ``"<tensor>/step"``, of every inner quantizer's step, under
+        ``"<tensor>/border"`` of every rounding border the forward used."""
         vals, tape = state
         grads = {self.block.output: grad.copy()}  # the output window: small; the masks below apply in place
         out_grads = {}
@@ -439,10 +436,8 @@ class Program:
                 x = _crop(vals[name], self.win[name], needs[name])
                 w, _ = weights[node.name]
                 need_dx = name != self.block.input
-                need_dw = weight_grads if isinstance(weight_grads, bool) else node.name in weight_grads
-                need_db = weight_grads is not False
-                dw, db, dx = conv_backward(g, x, w, self.block.convs[node.name], need_dx, need_dw, need_db)
-                if need_db:
+                dw, db, dx = conv_backward(g, x, w, self.block.convs[node.name], need_dx, weight_grads)
+                if weight_grads:
                     out_grads[node.name] = (dw, db)
                 parts = [(name, dx)] if need_dx else []
             elif node.op_type == "Add":
@@ -538,20 +533,6 @@ def fit_borders(prog: Program, data: Windows, weights, target: np.ndarray, lo, h
             for name, st in state.items()}
 
 
-def _soft(v: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """AdaRound's soft codes for rounding variables ``v`` over their floors ``base``: the sigmoid, the rectified
-    sigmoid before its clip, and ``base + h(v)``."""
-    sig = 1.0 / (1.0 + np.exp(-v))
-    h_raw = sig * (ZETA - GAMMA) + GAMMA
-    return sig, h_raw, base + np.clip(h_raw, 0.0, 1.0)
-
-
-def _soft_weights(st: dict, at) -> np.ndarray:
-    """The soft weights ``s * (clip(base + h(v), qmin, qmax) + z)`` of a layer's variables ``at`` (flat)."""
-    q = _soft(st["v"].reshape(-1)[at], st["bf"][at])[2]
-    return st["sf"][at] * (np.clip(q, st["qmin"], st["qmax"]) + st["zf"][at])
-
-
 def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.ndarray, np.ndarray]],
                 fixed: dict[str, tuple[np.ndarray, np.ndarray]], learn: dict[str, Layer], iters: int = 300,
                 batch: int = 128, lr: float = 3e-2, drop: float = 0.5, lam: float = 0.01, warmup: float = 0.2,
@@ -584,12 +565,7 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         frac = np.where(inside, np.where(layer.codes > base, 0.9, 0.1), layer.w / layer.s - layer.z - base)
         state[name] = dict(v=_init_v(frac), base=base, b=layer.bias.astype(np.float64).copy(), qmin=qmin, qmax=qmax,
                            mv=[0.0, 0.0], mb=[0.0, 0.0], frozen=np.zeros(base.shape, bool), hard=0,
-                           b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1,
-                           live=None)  # flat indices of the soft variables once hardening began (None: all)
-        if freeze:  # flat per-variable copies of the grid, to compute only the soft variables' weights
-            st = state[name]
-            st.update(bf=base.reshape(-1), sf=np.broadcast_to(layer.s, base.shape).reshape(-1),
-                      zf=np.broadcast_to(np.asarray(layer.z), base.shape).reshape(-1))
+                           b_lr=lr * max(float(np.sqrt(np.mean(float_weights[name][1] ** 2))), 1e-3) * 0.1)
 
     def hard(name) -> tuple[np.ndarray, np.ndarray]:
         st = state[name]
@@ -609,27 +585,18 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
     for it in range(iters):
         if freeze and it >= count:
             share = min(1.0, (it - count + 1) / max(1.0, stop - count))
-            for name, st in state.items():
+            for st in state.values():
                 want = int(np.ceil(share * st["v"].size)) - st["hard"]
                 if want <= 0:
                     continue
-                v, frozen, live = st["v"].reshape(-1), st["frozen"].reshape(-1), st["live"]
-                margin = np.full(v.size, -1.0)
-                margin[slice(None) if live is None else live] = np.abs(_h(v if live is None else v[live]) - 0.5)
+                v = st["v"].reshape(-1)
+                margin = np.where(st["frozen"].reshape(-1), -1.0, np.abs(_h(v) - 0.5))
                 pick = np.argpartition(-margin, want - 1)[:want]
                 v[pick] = np.where(_h(v[pick]) >= 0.5, FROZEN, -FROZEN)
-                frozen[pick] = True
+                st["frozen"].reshape(-1)[pick] = True
                 st["hard"] += want
-                # from here on only the variables still soft are computed and moved (a frozen one's h is exactly 0
-                # or 1, its gradient and Adam moments 0, so it would not move): the weights live in a buffer whose
-                # frozen entries are set once, and the moments are kept for the soft variables only
-                keep = ~frozen if live is None else ~frozen[live]
-                st["mv"] = [m.reshape(-1)[keep] for m in st["mv"]]  # arrays since the first step (warm-up >= 1)
-                if live is None:
-                    st["w"] = _soft_weights(st, slice(None)).reshape(st["v"].shape)
-                else:
-                    st["w"].reshape(-1)[pick] = _soft_weights(st, pick)
-                st["live"] = np.flatnonzero(~frozen)
+                for m in st["mv"]:  # arrays since the first step (the warm-up has at least one)
+                    m.reshape(-1)[pick] = 0.0
         idx = rng.integers(0, n, size=min(batch, n))
         sub = data.take(idx)
         pick = np.frombuffer(rng.bytes(sub.x_q.size), np.uint8).reshape(sub.x_q.shape) < 128
@@ -637,34 +604,21 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
         weights = dict(fixed)
         soft = {}
         for name, st in state.items():
-            live = st["live"]
-            if live is None:
-                soft[name] = _soft(st["v"], st["base"])
-                weights[name] = (learn[name].s * (np.clip(soft[name][2], st["qmin"], st["qmax"]) + learn[name].z),
-                                 st["b"])
-                continue
-            if live.size:
-                soft[name] = _soft(st["v"].reshape(-1)[live], st["bf"][live])
-                st["w"].reshape(-1)[live] = st["sf"][live] * (np.clip(soft[name][2], st["qmin"], st["qmax"])
-                                                             + st["zf"][live])
-            weights[name] = (st["w"], st["b"])
+            sig = 1.0 / (1.0 + np.exp(-st["v"]))
+            h_raw = sig * (ZETA - GAMMA) + GAMMA
+            q_soft = st["base"] + np.clip(h_raw, 0.0, 1.0)
+            soft[name] = (sig, h_raw, q_soft)
+            weights[name] = (learn[name].s * (np.clip(q_soft, st["qmin"], st["qmax"]) + learn[name].z), st["b"])
         y, tape = prog.forward(x, sub.masks, weights, quantize=True, drop=drop, rng=rng)
-        # the weights' gradient only where a rounding variable is still soft (the others' bias only)
-        grads = prog.backward(_output_grad(y, target[idx], lo, hi, scale), tape, sub.masks, weights,
-                              weight_grads={name for name in soft})
+        grads = prog.backward(_output_grad(y, target[idx], lo, hi, scale), tape, sub.masks, weights)
         beta = 20.0 + (2.0 - 20.0) * (it - count) / max(1, iters - count)
         for name, st in state.items():
-            dw, db = grads[name]
-            adam_step(st["b"], db, st["mb"], it + 1, st["b_lr"])
-            if name not in soft:
-                continue
             sig, h_raw, q_soft = soft[name]
-            live = st["live"]
+            dw, db = grads[name]
             dh = (ZETA - GAMMA) * sig * (1 - sig) * ((h_raw > 0) & (h_raw < 1))
-            if live is None:
-                gv = dw * learn[name].s * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
-            else:
-                gv = dw.reshape(-1)[live] * st["sf"][live] * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
+            gv = dw * learn[name].s * ((q_soft >= st["qmin"]) & (q_soft <= st["qmax"])) * dh
+            if freeze:
+                gv[st["frozen"]] = 0.0
             if it >= count:
                 h = np.clip(h_raw, 0.0, 1.0)
                 tt = 2 * h - 1
@@ -672,13 +626,9 @@ def reconstruct(prog: Program, data: Windows, float_weights: dict[str, tuple[np.
                 # its pull towards 0 or 1 was too weak in 300 steps: in MobileNetV2's blocks 30-56% of the h
                 # ended between 0.01 and 0.99 (3-11% with the square root), and the hard codes lost what the
                 # soft ones had learned (block Conv_10..14 output error 8.40 -> 7.30, with the root 6.63)
-                gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / np.sqrt(st["v"].size) * dh
-            if live is None:
-                adam_step(st["v"], gv, st["mv"], it + 1, lr)
-            else:
-                v_live = st["v"].reshape(-1)[live]
-                adam_step(v_live, gv, st["mv"], it + 1, lr)
-                st["v"].reshape(-1)[live] = v_live
+                gv = gv - lam * beta * np.abs(tt) ** (beta - 1) * np.sign(tt) * 2 / np.sqrt(h.size) * dh
+            adam_step(st["v"], gv, st["mv"], it + 1, lr)
+            adam_step(st["b"], db, st["mb"], it + 1, st["b_lr"])
     final = {name: hard(name) for name in learn}
     end = {**fixed, **{n: (learn[n].s * (c + learn[n].z), b) for n, (c, b) in final.items()}}
     after = _loss(prog, sub_p, end, target_p, lo, hi)

@@ -87,14 +87,6 @@ def test_block_gradient_matches_finite_differences():
         b2[0] += 1e-6
         y2, _ = prog.forward(x64, wins.masks, {**weights, node.name: (w, b2)}, quantize=False)
         assert grads[node.name][1][0] == pytest.approx(np.sum(g * (y2 - y)) / 1e-6, rel=1e-3, abs=1e-6)
-    # naming the convs whose weight gradient is wanted: the others get their bias's alone, bit for bit
-    first, *rest = [n.name for n in block.layers]
-    y, tape = prog.forward(x64, wins.masks, weights, quantize=False)
-    some = prog.backward(g, tape, wins.masks, weights, weight_grads={first})
-    assert np.array_equal(some[first][0], grads[first][0]) and rest
-    for name in [first, *rest]:
-        assert np.array_equal(some[name][1], grads[name][1])
-    assert all(some[name][0] is None for name in rest)
 
 
 def test_block_reconstruction_lowers_the_block_output_error_and_keeps_shift_only_scales():
