@@ -7,8 +7,9 @@
 Prints one JSON line per measurement (and appends it to --out).  Each compile runs in a child process, so
 its seconds and peak RSS are its own.  Every record names the commit of the checkout this script sits in
 (``-dirty`` when its ptqc/ or passes/ differ from that commit), so run it from the checkout whose ptqc is
-installed: ``git worktree add /tmp/snap <commit>; pip install /tmp/snap; python /tmp/snap/bench/...``.  Models and images come from --shared (default $PTQC_SHARED or
-../shared); without them the script exits with a message.
+installed: ``git worktree add /tmp/snap <commit>; pip install /tmp/snap; python /tmp/snap/bench/...``.
+Models and images come from --shared (default $PTQC_SHARED or ../shared); without them the script exits
+with a message.
 """
 
 from __future__ import annotations
