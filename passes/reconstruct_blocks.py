@@ -190,7 +190,7 @@ class ReconstructBlocksPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         quantized = [n for n in graph if WEIGHT in n.meta and n.meta[WEIGHT].q is not None]
         # the inputs of every block, quantized and float, for all the images; moved from block to block
-        values = {v.name: v for v in simulate.planned_values(model)}
+        values = {v.name: v for v in simulate.planned_values(model)} if self.borders else {}
         bordered = {b.output: _border_tensors(b, values) for b in blocks} if self.borders else {}
         stream = simulate.CutInputs(model, quantized, quantized=True,
                                     batches=list(self.data.head(self.samples, self.batch_size)),

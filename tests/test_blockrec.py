@@ -308,7 +308,7 @@ def test_window_forward_with_borders_equals_the_simulated_model_bit_for_bit():
 
 def test_borders_learned_in_block_reconstruction_lower_the_block_error():
     """AQuant the paper's way: each block's inner low-bit activations get a border per channel and level,
-    learned with the weights' rounding on the block output; the written model rounds at them."""
+    learned on the block output once the weights' rounding is final; the written model rounds at them."""
     from ptqc.borders import border_tensor
     from ptqc.inspect import inspect_model
     from ptqc.writer import to_proto
