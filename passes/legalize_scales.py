@@ -17,7 +17,7 @@ Guarantees after the pass:
 
 from __future__ import annotations
 
-__all__ = ["LegalizeScalesPass"]
+__all__ = ["LegalizeScalesPass", "legalize_bias"]
 
 import logging
 
@@ -58,30 +58,32 @@ class LegalizeScalesPass(ir.passes.InPlacePass):
             act_in = node.inputs[0].meta.get(ACT)
             if act_in is None or act_in.exp is None:
                 raise PtqcError(f"layer {node.name}: its input {node.inputs[0].name} has no quantizer")
-            raised += self._bias(node, wq, act_in.exp)
+            raised += legalize_bias(node, wq, act_in.exp)
         logger.info("%d channel exponents raised to keep biases below 2^22 accumulator LSBs", raised)
         return ir.passes.PassResult(model, modified=True)
 
-    @staticmethod
-    def _bias(node: ir.Node, wq, e_in: int) -> int:
-        w = const(node.inputs[1]).astype(np.float64)
-        b = wq.bias
-        raised_rows = np.zeros(wq.exps.shape, dtype=bool)
-        while True:
-            bq = np.round(b * np.exp2(-(e_in + wq.exps.astype(np.float64))))
-            over = np.abs(bq) >= BIAS_LIMIT
-            if not over.any():
-                break
-            wq.exps = wq.exps + over.astype(np.int64)
-            raised_rows |= over
-        if raised_rows.any():
-            # re-round only the channels whose grid changed; the others keep their (e.g. GPTQ) codes
-            # (a coarser container step is a coarser grid step: the offsets stay)
-            k, e, z = wq.codes()
-            fresh = quantize_offset(w, channel_view(e, w.ndim, wq.axis), channel_view(z, w.ndim, wq.axis), wq.bits)
-            wq.set_codes(np.where(channel_view(raised_rows, w.ndim, wq.axis), fresh, k), e, wq.offset)
-        raised = int(raised_rows.sum())
-        if raised:
-            wq.methods.append(f"bias_limit({raised} channels coarser)")
-        wq.bias_q = bq.astype(np.int64)
-        return raised
+
+def legalize_bias(node: ir.Node, wq, e_in: int) -> int:
+    """Set ``wq.bias_q`` (int32 at the accumulator scale, below ``BIAS_LIMIT``), raising the exponent of a channel
+    whose bias would not fit; how many channels were raised."""
+    w = const(node.inputs[1]).astype(np.float64)
+    b = wq.bias
+    raised_rows = np.zeros(wq.exps.shape, dtype=bool)
+    while True:
+        bq = np.round(b * np.exp2(-(e_in + wq.exps.astype(np.float64))))
+        over = np.abs(bq) >= BIAS_LIMIT
+        if not over.any():
+            break
+        wq.exps = wq.exps + over.astype(np.int64)
+        raised_rows |= over
+    if raised_rows.any():
+        # re-round only the channels whose grid changed; the others keep their (e.g. GPTQ) codes
+        # (a coarser container step is a coarser grid step: the offsets stay)
+        k, e, z = wq.codes()
+        fresh = quantize_offset(w, channel_view(e, w.ndim, wq.axis), channel_view(z, w.ndim, wq.axis), wq.bits)
+        wq.set_codes(np.where(channel_view(raised_rows, w.ndim, wq.axis), fresh, k), e, wq.offset)
+    raised = int(raised_rows.sum())
+    if raised:
+        wq.methods.append(f"bias_limit({raised} channels coarser)")
+    wq.bias_q = bq.astype(np.int64)
+    return raised
