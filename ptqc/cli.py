@@ -182,6 +182,10 @@ def main(quiet: bool, verbose: bool) -> None:
               help="Give each output channel of the inner layers of at most 6 bits a grid offset of 0, 1/2, 1 or "
                    "-1/2 steps (a per-channel weight zero point; scales stay 2^e), chosen by the rounding loss "
                    "[default: on for layers below 4 bits].")
+@click.option("--refit-head/--no-refit-head", default=None,
+              help="Fit the last layer by ridge regression from the quantized features to the float model's output, "
+                   "cross-validated over the calibration images, and keep it only where the held-out error falls "
+                   "[default: on when any activation is below 8 bits].")
 @click.option("--act-search", is_flag=True,
               help="Search activation exponents by +-1 on the end-to-end logit error (slow; see docs/benchmarks.md).")
 @click.option("--act-borders", is_flag=True,
@@ -196,7 +200,7 @@ def main(quiet: bool, verbose: bool) -> None:
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, equalize_residual, learn_clip, adaround,
-            adaround_iters, block_recon, block_iters, block_freeze, weight_offsets, act_search, act_borders, rounding, preset, size, mean,
+            adaround_iters, block_recon, block_iters, block_freeze, weight_offsets, refit_head, act_search, act_borders, rounding, preset, size, mean,
             std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
@@ -217,7 +221,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
              "learn_clip": learn_clip,
              "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
-             "block_freeze": block_freeze, "weight_offsets": weight_offsets, "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
+             "block_freeze": block_freeze, "weight_offsets": weight_offsets, "refit_head": refit_head, "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}

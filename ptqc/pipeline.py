@@ -38,6 +38,7 @@ from ptqc.passes.plan_quantization import PlanQuantizationPass
 from ptqc.passes.pot_scales import PotScalesPass
 from ptqc.passes.reconstruct_blocks import ReconstructBlocksPass
 from ptqc.passes.reconstruct_layers import ReconstructLayersPass
+from ptqc.passes.refit_head import RefitHeadPass
 from ptqc.passes.search_act_exponents import SearchActExponentsPass
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         LegalizeScalesPass(),
         *([LearnActBordersPass(data, config.batch_size, config.border_samples)]
           if config.act_borders and not config.use_block_recon and data is not None else []),
+        *([RefitHeadPass(data, config.batch_size)] if config.use_refit_head and data is not None else []),
         EmitQdqPass(config.rounding),
     ]
 
@@ -126,12 +128,12 @@ def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
     if (config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon or config.learn_clip
-            or config.act_borders):
-        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon, --learn-clip and "
-                        "--act-borders need calibration data; pass --calib")
+            or config.act_borders or config.refit_head):
+        raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon, --learn-clip, "
+                        "--act-borders and --refit-head need calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
-    return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False, learn_clip=False)
+    return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False, learn_clip=False, refit_head=False)
 
 
 def compile(
