@@ -272,8 +272,8 @@ class QuantConfig:
 
     def for_trials(self) -> QuantConfig:
         """The settings a search's trial compiles use: AdaRound, block reconstruction, learned clipping and the
-        head refit left off unless asked for explicitly, since a search compiles many models and they turn each from seconds
-        into minutes."""
+        head refit left off unless asked for explicitly, since a search compiles many models (the first three
+        turn each from seconds into minutes; the refit adds a pass over the calibration data)."""
         return dataclasses.replace(self, adaround=False if self.adaround is None else self.adaround,
                                    block_recon=False if self.block_recon is None else self.block_recon,
                                    learn_clip=False if self.learn_clip is None else self.learn_clip,
