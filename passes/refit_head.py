@@ -114,25 +114,15 @@ def _from_matrix(m: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray
     return np.moveaxis(m.T.reshape(moved), 0, axis)
 
 
-def _samples(node: ir.Node, x: np.ndarray) -> np.ndarray:
-    """The input as rows the layer multiplies: (N, K) for Gemm/MatMul, one row per position for a 1x1 Conv."""
+def _rows(node: ir.Node, t: np.ndarray) -> np.ndarray:
+    """A layer input or output as rows, one per sample: (N, K) for Gemm/MatMul, one per position for a 1x1 Conv."""
     if node.op_type == "Conv":
-        return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-def _outputs(node: ir.Node, y: np.ndarray) -> np.ndarray:
-    if node.op_type == "Conv":
-        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
+        return np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])
+    return t.reshape(-1, t.shape[-1])
 
 
 def _bias(node: ir.Node) -> np.ndarray:
-    """The bias the layer computes with: the int32 one at the accumulator scale once ``legalize_scales`` ran."""
-    wq = node.meta[WEIGHT]
-    if wq.bias_q is None:
-        return wq.bias
-    return wq.bias_q * np.exp2((node.inputs[0].meta[ACT].exp + wq.exps).astype(np.float64))
+    return node.meta[WEIGHT].computed_bias(node.inputs[0].meta[ACT].exp)
 
 
 def _supported(node: ir.Node) -> str | None:
@@ -210,9 +200,9 @@ class RefitHeadPass(ir.passes.InPlacePass):
             for node, x, y in zip(heads, qx, fy):
                 w = current[node.name]
                 for k in np.unique(folds):
-                    a = _samples(node, x[folds == k].astype(np.float64))
+                    a = _rows(node, x[folds == k].astype(np.float64))
                     a = np.hstack([a, np.ones((len(a), 1))])
-                    stats[node.name].add(int(k), a, _outputs(node, y[folds == k].astype(np.float64)) - a @ w)
+                    stats[node.name].add(int(k), a, _rows(node, y[folds == k].astype(np.float64)) - a @ w)
         changed = 0
         for node in heads:
             dw, info = ridge_refit(stats[node.name], min_gain=self.min_gain)

@@ -90,6 +90,13 @@ class WeightQuant:
         shape[self.axis] = -1
         return self.q * np.exp2(self.exps.reshape(shape).astype(np.float64))
 
+    def computed_bias(self, e_in: int | None) -> np.ndarray:
+        """The bias the layer computes with: after legalize_scales, the int32 ``bias_q`` the writer emits at the
+        accumulator scale ``2**(e_in + exps)``; before it (or without an input exponent), the float bias."""
+        if self.bias_q is None or e_in is None:
+            return self.bias
+        return self.bias_q * np.exp2((e_in + self.exps).astype(np.float64))
+
     def row_view(self, per_row: np.ndarray, ndim: int | None = None) -> np.ndarray:
         """Per-channel values shaped to broadcast against the weight tensor (of rank ``ndim``, default q's)."""
         shape = [1] * (self.q.ndim if ndim is None else ndim)

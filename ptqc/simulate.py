@@ -77,10 +77,7 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
         inits[wname].CopyFrom(numpy_helper.from_array(w_hat, wname))
         if (bias_name in inits or (len(node.inputs) > 2 and node.inputs[2] is not None)) and wq.bias is not None:
             bname = bias_name if bias_name in inits else node.inputs[2].name
-            bias = wq.bias
-            e_in = node.inputs[0].meta[ACT].exp if ACT in node.inputs[0].meta else None
-            if wq.bias_q is not None and e_in is not None:  # after legalize_scales: the int32 bias the writer emits
-                bias = wq.bias_q * np.exp2((e_in + wq.exps).astype(np.float64))
+            bias = wq.computed_bias(node.inputs[0].meta[ACT].exp if ACT in node.inputs[0].meta else None)
             inits[bname].CopyFrom(numpy_helper.from_array(bias.astype(np.float32).reshape(
                 numpy_helper.to_array(inits[bname]).shape), bname))
     scale_names: dict[str, str] = {}
