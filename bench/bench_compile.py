@@ -188,8 +188,9 @@ def main() -> None:
     val = os.path.join(args.shared, "imagenet", "val")
     if not os.path.isdir(calib) or not os.path.isdir(val):
         sys.exit(f"bench: {args.shared}/imagenet not found; pass --shared or set PTQC_SHARED")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     work = args.workdir or tempfile.mkdtemp(prefix="ptqc-bench-")
+    os.makedirs(work, exist_ok=True)
     commit = source_commit()
     for name in args.models:
         model = os.path.join(args.shared, "models", f"{name}.onnx")

@@ -61,7 +61,7 @@ def main() -> None:
     val = os.path.join(args.shared, "imagenet", "val")
     if not os.path.isdir(calib) or not os.path.isdir(val):
         sys.exit(f"bench: {args.shared}/imagenet not found; pass --shared or set PTQC_SHARED")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     work = tempfile.mkdtemp(prefix="ptqc-bench-report-")
     wb, ab = parse_shorthand(args.bits)
     val_cache: dict[str, tuple] = {}

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from ptqc.data import ImageFolder, make_preprocess
     from ptqc.verify import verify
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for name in args.models:
         path = os.path.join(args.shared, "models", f"{name}.onnx")
         if not os.path.exists(path):
