@@ -52,23 +52,25 @@ def main() -> None:
            "Each row names the commit it was measured on; where a configuration was measured more than once, the",
            "last record is shown. Rows with no commit predate the bench recording it: the w8a4 rows come from a",
            "snapshot of 6326ea5, where block reconstruction learns the 8-bit layers against the 4-bit activations,",
-           "the 512-image w4a4 rows from af0ec74 (the changes since are below 4-bit weights, opt-in, or were",
-           "checked to give the same codes). onnxruntime's quantize_static reads the same images as ptqc; before",
+           "and the ablation's 512-image w4a4 cells without the head refit from af0ec74 (the changes from there to",
+           "the refit are below 4-bit weights, opt-in, or were checked to give the same codes). onnxruntime's",
+           "quantize_static reads the same images as ptqc; before",
            "the spread order it calibrated on the first 256 classes and scored 76.0 / 69.2 / 79.8, and ptqc w8a8",
            "77.8 / 78.0 / 83.8 (MobileNetV2 / MobileNetV1 / EfficientNet-Lite0).",
            "What each method changed, and the drops of earlier snapshots, are in docs/design.md and in this file's",
            "history.",
            "",
-           "Every low-bit row here predates the head refit (`refit_head`, 09b1129), on by default below 8-bit",
-           "activations: on the same compiles it raised w2a4 top-1 on 512 images from 34.2 to 35.4 (MobileNetV2)",
-           "and from 20.6 to 31.0 (MobileNetV1); docs/design.md has the rest. These tables have not been",
-           "re-measured with it yet.",
+           "The head refit (`refit_head`, 09b1129) is on by default below 8-bit activations. The rows of e6850d0",
+           "have it: every 512-image low-bit row, and at 1024 images the w4a4 rows and MobileNetV2's w2a4; the",
+           "ablation's head-refit column puts them next to the same setting without it. The 256-image rows and",
+           "the other 1024-image rows predate it.",
            "",
            "Read the low-bit rows with their noise: one compile's top-1 moves by 2-4 points with the windows block",
            "reconstruction draws (MobileNetV2 w4a4 on 512 images, block seeds 0-2: 65.0, 68.8, 69.8; w2a4 seeds 0",
            "and 1: 34.2, 36.0), so a 256- or 1024-image row beating the 512-image one by less than that is not a",
            "finding. At 2-bit weights one compile can land much further off: MobileNetV2 w2a4 scores 18.0, 34.2 and",
-           "8.6 on 256, 512 and 1000 images, and 29.6 on 1000 with another block seed. Its logit SNR is only 1-2 dB,",
+           "8.6 on 256, 512 and 1000 images, and 29.6 on 1000 with another block seed (before the head refit; with",
+           "it 35.4 and 14.2 on 512 and 1000). Its logit SNR is only 1-2 dB,",
            "so a few percent more error in every block takes top-1 from a third of the images to chance",
            "(docs/design.md). Below 4-bit weights block reconstruction takes 600 steps with progressive hardening,",
            "300 above.",
@@ -231,7 +233,7 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
 def ablation(rows: list[dict]) -> list[str]:
     """Top-1 drop per model and bit width as methods are added one at a time."""
     order = ["rtn", "bc", "absorb", "gptq", "clip", "learnclip", "adaround", "blocks", "everylayer", "noblockclip",
-             "default", "channels", "now256", "allimages", "equalize"]
+             "default", "channels", "now256", "allimages", "refit", "equalize"]
     names = {"rtn": "PoT round-to-nearest", "bc": "+ compensation bias", "absorb": "+ ReLU6 range absorption",
              "gptq": "+ GPTQ, per-channel exponent", "clip": "+ continuous clipping thresholds (`--no-adaround`)",
              "learnclip": "+ thresholds learned on block outputs (`--no-adaround`, on the clip column)",
@@ -242,7 +244,8 @@ def ablation(rows: list[dict]) -> list[str]:
              "default": "+ thresholds learned on block outputs before the blocks (8b0b0ef, at 4-bit weights)",
              "channels": "+ per-channel thresholds, half-way where dense convs read (3b17e7d)",
              "now256": "the default today, 256 images (the commit is in the model tables)",
-             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5), per-channel grid offsets (25097f0) and 600 block steps (ea2bb4a); the 512 images spread over the folder, not its first 512 classes (af0ec74); the commit is in the model tables",
+             "allimages": "+ GPTQ and blocks on every calibration image, 512 of them (9d6bea6; the default); below 4-bit weights, + progressive hardening (8e3fed5), per-channel grid offsets (25097f0) and 600 block steps (ea2bb4a); the 512 images spread over the folder, not its first 512 classes (af0ec74); measured on af0ec74 (w4a4) and 0831965",
+             "refit": "+ head refit (`refit_head`, 09b1129; below 8-bit activations), 512 images; the commit is in the model tables",
              "equalize": "`--equalize-channels` (on the clip column)"}
     fp = {r["model"]: r["top1"] for r in rows if r["method"] == "fp32"}
     cells: dict = {}
@@ -269,15 +272,17 @@ def ablation(rows: list[dict]) -> list[str]:
         elif variant == "default" and r.get("bits") != "w8a8" and "LearnClipRangesPass" not in passes:
             variant = "noblockclip"  # ... from before learned thresholds ran under blocks too (8b0b0ef)
         if variant == "channels" and r.get("calib_images") == 512:
-            variant = "allimages"  # the default since 9d6bea6: 512 images, all read by GPTQ and the blocks
+            # the default since 9d6bea6: 512 images, all read by GPTQ and the blocks; since 09b1129, below 8-bit
+            # activations, with the classifier refitted last
+            variant = "refit" if "RefitHeadPass" in passes else "allimages"
         elif r.get("calib_images") != 256:
             continue
         if variant in order and "top1" in r:
             cells[(r["model"], r["bits"], variant)] = r
     # rows for the bit widths an ablation ran (not every default compile)
     keys = list(OrderedDict.fromkeys((m, b) for m, b, v in cells
-                                     if v not in ("default", "channels", "now256", "allimages", "adaround", "blocks",
-                                                  "everylayer", "noblockclip")))
+                                     if v not in ("default", "channels", "now256", "allimages", "refit", "adaround",
+                                                  "blocks", "everylayer", "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last",
@@ -293,8 +298,10 @@ def ablation(rows: list[dict]) -> list[str]:
            "(b78114a), then with learned thresholds before the blocks (8b0b0ef, on a machine about 1.4x slower;",
            "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell), then with per-channel thresholds",
            "under block reconstruction (3b17e7d; its w4a8 and w3a3 cells are from fc0a462, and at w4a8 the two",
-           "threshold methods do not apply). The next two columns are the default of the commit the model tables",
-           "name: on 256 images, and on the 512 it reads by default. The equalize records",
+           "threshold methods do not apply). The next columns are the default: on 256 images before the head",
+           "refit, on the 512 it reads by default before the refit (w4a4 on af0ec74, the other widths on 0831965),",
+           "and on 512 with the refit (e6850d0, on a day this machine compiled about 15% slower: MobileNetV2 w2a4",
+           "took 379 s, of which 17 s refitting the head, against 327 s before). The equalize records",
            "were measured before AdaRound became the default, so that column adds `--equalize-channels` to the clip",
            "column, not to the default.", "",
            "| model | bits | FP32 | " + " | ".join(names[v] for v in order) + " |",
