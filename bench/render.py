@@ -287,8 +287,8 @@ def ablation(rows: list[dict]) -> list[str]:
     if all("RefitHeadPass" not in r.get("pass_seconds", {}) for k, r in cells.items() if k[2] == "now256"):
         names["now256"] = names["now256"][:-1] + "; all before the head refit)"
     out = ["## Ablation: methods added one at a time", "",
-           "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last",
-           "default column), power-of-two",
+           "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last two",
+           "default columns), power-of-two",
            "everywhere, first and last layers 8-bit. Produced by `python bench/bench_compile.py --bits w4a8 w4a4",
            "--variants rtn bc absorb gptq --no-ort --no-latency` (run while a `ptqc sensitivity` job shared the",
            "machine, so its seconds are only indicative: EfficientNet's 184 s GPTQ cell is contention, the same",
