@@ -60,10 +60,7 @@ def main() -> None:
            "What each method changed, and the drops of earlier snapshots, are in docs/design.md and in this file's",
            "history.",
            "",
-           "The head refit (`refit_head`, 09b1129) is on by default below 8-bit activations. The rows of e6850d0",
-           "have it: every 512-image low-bit row, and at 1024 images the w4a4 rows and the w2a4 rows of MobileNetV2",
-           "and EfficientNet-Lite0; the ablation's head-refit column puts them next to the same setting without it.",
-           "The 256-image rows and the other 1024-image rows predate it.",
+           *refit_status(list(latest.values())),
            "",
            "Read the low-bit rows with their noise: one compile's top-1 moves by 2-4 points with the windows block",
            "reconstruction draws (MobileNetV2 w4a4 on 512 images, block seeds 0-2: 65.0, 68.8, 69.8; w2a4 seeds 0",
@@ -209,6 +206,25 @@ def verification(rows: list[dict]) -> list[str]:
     return out
 
 
+def refit_status(rows: list[dict]) -> list[str]:
+    """Which of the shown rows below 8-bit activations ran the head refit, the default there since 09b1129."""
+    low = [r for r in rows if r["method"].startswith("ptqc-pot-") and "top1" in r
+           and not r.get("bits", "").endswith("a8")]
+    without = [r for r in low if "RefitHeadPass" not in r.get("pass_seconds", {})]
+    text = ("The head refit (`refit_head`, 09b1129) is on by default below 8-bit activations; the ablation's"
+            " head-refit column puts it next to the same setting without it. ")
+    if not without:
+        return [text + "Every row below 8-bit activations has it."]
+    groups: OrderedDict = OrderedDict()
+    for r in without:
+        groups.setdefault((r.get("calib_images"), r["bits"], r.get("commit") or "no commit"), []).append(r["model"])
+    models = len({r["model"] for r in low})
+    listed = "; ".join(f"{bits} on {n} images ({'all models' if len(m) == models else ', '.join(m)}; {c})"
+                       for (n, bits, c), m in groups.items())
+    return [text + f"{len(low) - len(without)} of the {len(low)} rows below 8-bit activations have it; these"
+            f" predate it: {listed}."]
+
+
 def summary(rows: list[dict], models: list[str]) -> list[str]:
     """One line per model: ptqc w8a8 against FP32 and onnxruntime's own int8."""
     def find(model, method):
@@ -284,8 +300,10 @@ def ablation(rows: list[dict]) -> list[str]:
                                      if v not in ("default", "channels", "now256", "allimages", "refit", "adaround",
                                                   "blocks", "everylayer", "noblockclip")))
     order = [v for v in order if any(k[2] == v for k in cells)]
-    if all("RefitHeadPass" not in r.get("pass_seconds", {}) for k, r in cells.items() if k[2] == "now256"):
-        names["now256"] = names["now256"][:-1] + "; all before the head refit)"
+    refit256 = [("RefitHeadPass" in r.get("pass_seconds", {})) for k, r in cells.items() if k[2] == "now256"]
+    now256 = "with the head refit" if refit256 and all(refit256) else "before the head refit" if not any(refit256) \
+        else "some before the head refit"
+    names["now256"] = names["now256"][:-1] + f"; {now256})"
     out = ["## Ablation: methods added one at a time", "",
            "Top-1 drop from FP32 on val500 (compile seconds in brackets), 256 calibration images (512 in the last two",
            "default columns), power-of-two",
@@ -300,8 +318,8 @@ def ablation(rows: list[dict]) -> list[str]:
            "(b78114a), then with learned thresholds before the blocks (8b0b0ef, on a machine about 1.4x slower;",
            "cf8f368 keeps them off below 4-bit weights, after that w2a4 cell), then with per-channel thresholds",
            "under block reconstruction (3b17e7d; its w4a8 and w3a3 cells are from fc0a462, and at w4a8 the two",
-           "threshold methods do not apply). The next columns are the default: on 256 images before the head",
-           "refit, on the 512 it reads by default before the refit (w4a4 on af0ec74, the other widths on 0831965),",
+           "threshold methods do not apply). The next columns are the default: on 256 images " + now256 + ",",
+           "on the 512 it reads by default before the refit (w4a4 on af0ec74, the other widths on 0831965),",
            "and on 512 with the refit (e6850d0, on a day this machine compiled about 15% slower: MobileNetV2 w2a4",
            "took 379 s, of which 17 s refitting the head, against 327 s before). The equalize records",
            "were measured before AdaRound became the default, so that column adds `--equalize-channels` to the clip",
