@@ -17,6 +17,12 @@ Guarantees after the pass:
   value and its QuantizeLinear (``_border_nodes``; ``metadata_props["ptqc.role"] = "border"``): they put the
   value exactly on its grid, so the QuantizeLinear only stores the code.  onnxruntime then runs that
   tensor's producer in float.
+* A Conv with ARCQ's remainder terms (``meta[ARCQ]``, ``compensate_remainders``) gets them as ops tagged
+  ``ptqc.role = "arcq"``: the weight remainder's codes behind their own per-channel DequantizeLinear and a Conv
+  of the quantized input with them; the input remainder (the float value after its fused Relu/Clip minus its
+  quantized value, through ``QuantizeLinear -> Clip -> DequantizeLinear`` at ``2^(e_in - a)``, once per tensor)
+  and a Conv of it with the layer's quantized weights; and the Adds that sum the three accumulators before the
+  layer's output quantizer.  onnxruntime then runs those Convs in float.
 * With ``rounding="half-up"``, every requantization that shifts right gets an ``Add`` of half an accumulator
   LSB per channel before its QuantizeLinear (0 on channels that shift left): QuantizeLinear's round-half-even
   of ``acc + 1/2`` then never sees a tie and equals ``(acc + 2^(m-1)) >> m``, the shift hardware's rule.  It
@@ -33,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from ptqc.annotations import ACT, WEIGHT, ActQuant
+from ptqc.annotations import ACT, ARCQ, WEIGHT, ActQuant
 from ptqc.borders import border_ops, border_prefix, border_table
 from ptqc.passes.fold_batchnorm import new_initializer
 from ptqc.quant import int_range
@@ -68,7 +74,13 @@ def accumulator_exps(v: ir.Value) -> np.ndarray | None:
     if node is None:
         return None
     if WEIGHT in node.meta:
-        return node.inputs[0].meta[ACT].exp + np.asarray(node.meta[WEIGHT].exps, np.int64)
+        exps = node.inputs[0].meta[ACT].exp + np.asarray(node.meta[WEIGHT].exps, np.int64)
+        comp = node.meta.get(ARCQ)
+        if comp is not None and comp.q is not None:
+            exps = np.minimum(exps, node.inputs[0].meta[ACT].exp + np.asarray(comp.exps, np.int64))
+        if comp is not None and comp.act_bits:
+            exps = exps - comp.act_bits
+        return exps
     exps = [i.meta[ACT].exp for i in node.inputs if i is not None and ACT in i.meta]
     return np.array([min(exps)], np.int64) if exps else None
 
@@ -98,6 +110,107 @@ def _border_nodes(graph: ir.Graph, act: ActQuant, src: ir.Value, name: str, lo: 
     return nodes
 
 
+def _tag(node: ir.Node, layer: str, doc: str) -> ir.Node:
+    """Mark ``node`` as part of ARCQ's remainder compensation of ``layer`` (what ``ptqc inspect`` checks)."""
+    node.metadata_props["ptqc.role"] = "arcq"
+    node.metadata_props["ptqc.layer"] = layer
+    node.doc_string = doc if doc.startswith("ptqc:") else f"ptqc: ARCQ remainder compensation of {layer}: {doc}"
+    return node
+
+
+def _input_remainder(graph: ir.Graph, v: ir.Value, src: ir.Value, dq: ir.Value, bits: int, layer: str) -> ir.Value:
+    """The remainder of activation ``v`` (the float value ``src`` its quantizer reads, dequantized as ``dq``) below
+    its grid, as ``bits``-bit signed codes at ``2^(e - bits)``: ``Clip(src, fused bounds) - dq`` through its own
+    QuantizeLinear, integer Clip and DequantizeLinear."""
+    act: ActQuant = v.meta[ACT]
+    name = f"{v.name}_remainder{bits}"
+    nodes = []
+    value = src
+    if act.clip_lo is not None or act.clip_hi is not None:
+        bounds = [None if b is None else new_initializer(graph, f"{name}_{side}", np.array(b, np.float32))
+                  for side, b in (("lo", act.clip_lo), ("hi", act.clip_hi))]
+        clip = ir.node("Clip", [src, *bounds], name=f"{name}_Clip")
+        clip.outputs[0].name = f"{name}_clipped"
+        nodes.append(_tag(clip, layer, "the value the fused activation gives"))
+        value = clip.outputs[0]
+    sub = ir.node("Sub", [value, dq], name=f"{name}_Sub")
+    sub.outputs[0].name = f"{name}_float"
+    nodes.append(_tag(sub, layer, f"what the requantization to 2^{act.exp} discards"))
+    scale = new_initializer(graph, f"{name}_scale", np.array(2.0 ** (act.exp - bits), np.float32))
+    zero = new_initializer(graph, f"{name}_zero_point", np.array(128, np.uint8))
+    lo, hi = int_range(bits, True)
+    q = ir.node("QuantizeLinear", [sub.outputs[0], scale, zero], name=f"{name}_QuantizeLinear")
+    q.outputs[0].name = f"{name}_quantized"
+    lo_v = new_initializer(graph, f"{name}_clip_lo", np.array(lo + 128, np.uint8))
+    hi_v = new_initializer(graph, f"{name}_clip_hi", np.array(hi + 128, np.uint8))
+    sat = ir.node("Clip", [q.outputs[0], lo_v, hi_v], name=f"{name}_saturate")
+    sat.outputs[0].name = f"{name}_saturated"
+    sat.doc_string = f"ptqc: integer saturation to codes [{lo}, {hi}]"
+    rdq = ir.node("DequantizeLinear", [sat.outputs[0], scale, zero], name=f"{name}_DequantizeLinear")
+    rdq.outputs[0].name = f"{name}_DequantizeLinear_Output"
+    note = f"ptqc: {bits}-bit signed remainder of {v.name}, scale 2^{act.exp - bits}, codes [{lo}, {hi}]"
+    q.doc_string = rdq.doc_string = note
+    for n in (q, rdq):
+        _tag(n, layer, note)
+        n.metadata_props.update({"ptqc.bits": str(bits), "ptqc.signed": "1", "ptqc.exp": str(act.exp - bits)})
+    nodes += [q, sat, rdq]
+    graph.insert_after(dq.producer(), nodes)
+    return rdq.outputs[0]
+
+
+def _compensation(graph: ir.Graph, node: ir.Node, written: dict[str, tuple[ir.Value, ir.Value, ir.Value]],
+                  remainders: dict[str, ir.Value]) -> None:
+    """ARCQ's remainder convolutions of ``node`` (``meta[ARCQ]``), summed into its accumulator before its output
+    quantizer."""
+    comp = node.meta[ARCQ]
+    wq = node.meta[WEIGHT]
+    x_dq, w_dq = node.inputs[0], node.inputs[1]
+    attrs = {k: a for k, a in node.attributes.items()}
+    label = node.name or node.outputs[0].name
+    terms, new = [node.outputs[0]], []
+    if comp.q is not None:
+        base = f"{label}_remainder_weights"
+        r_init = new_initializer(graph, f"{base}_quantized", comp.q.astype(np.int8))
+        r_scale = new_initializer(graph, f"{base}_scale", np.exp2(comp.exps).astype(np.float32))
+        r_zero = new_initializer(graph, f"{base}_zero_point", np.zeros(comp.exps.shape, np.int8))
+        rdq = ir.node("DequantizeLinear", [r_init, r_scale, r_zero], attributes={"axis": wq.axis},
+                      name=f"{base}_DequantizeLinear")
+        rdq.outputs[0].name = f"{base}_DequantizeLinear_Output"
+        rdq.metadata_props.update({"ptqc.bits": str(comp.bits), "ptqc.exp": " ".join(map(str, comp.exps))})
+        conv = ir.node(node.op_type, [x_dq, rdq.outputs[0]], attributes=attrs, name=f"{label}_arcq_weights")
+        conv.outputs[0].name = f"{label}_arcq_weights_out"
+        new += [_tag(rdq, label, f"{comp.bits}-bit weight remainder W - W_hat, per-channel scale "
+                                 f"2^[{_fmt_range(comp.exps)}]"),
+                _tag(conv, label, "quantized input x weight remainder")]
+        terms.append(conv.outputs[0])
+    if comp.act_bits:
+        v, src, dq = next(w for w in written.values() if w[2] is x_dq)
+        key = f"{v.name}/{comp.act_bits}"
+        if key not in remainders:
+            remainders[key] = _input_remainder(graph, v, src, dq, comp.act_bits, label)
+        conv = ir.node(node.op_type, [remainders[key], w_dq], attributes=attrs, name=f"{label}_arcq_input")
+        conv.outputs[0].name = f"{label}_arcq_input_out"
+        new.append(_tag(conv, label, "input remainder x quantized weights"))
+        terms.append(conv.outputs[0])
+    uses = list(node.outputs[0].uses())
+    total = terms[0]
+    for i, t in enumerate(terms[1:]):
+        add = ir.node("Add", [total, t], name=f"{label}_arcq_sum{i}")
+        add.outputs[0].name = f"{label}_arcq_sum{i}_out"
+        new.append(_tag(add, label, "sum of the accumulators (aligned by shifts)"))
+        total = add.outputs[0]
+    for use in uses:
+        use.node.replace_input_with(use.idx, total)
+    for key, (v, src, dq) in written.items():
+        if src is node.outputs[0]:  # a later input remainder is taken from the whole sum
+            written[key] = (v, total, dq)
+    graph.insert_after(node, new)
+    node.doc_string += (f"\nARCQ: + {len(terms) - 1} remainder convolution(s) summed into the accumulator before "
+                        "requantization")
+    node.metadata_props["ptqc.arcq"] = (f"weights {comp.bits if comp.q is not None else 0} bits, "
+                                        f"input {comp.act_bits} bits; score {comp.score:.4g}, error {comp.error:.4g}")
+
+
 class EmitQdqPass(ir.passes.InPlacePass):
     """Rewrite the annotated float graph into power-of-two QDQ form."""
 
@@ -114,18 +227,25 @@ class EmitQdqPass(ir.passes.InPlacePass):
             if WEIGHT in node.meta:
                 self._weights(graph, node)
         offsets = 0
+        written: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
         for v in values:
-            offsets += self._activation(graph, v, acc_exps.get(v.name))
+            offsets += self._activation(graph, v, acc_exps.get(v.name), written)
         for node in graph:
             if WEIGHT in node.meta:
                 self._document(node)
+        remainders: dict[str, ir.Value] = {}
+        for node in [n for n in graph if ARCQ in n.meta]:
+            _compensation(graph, node, written, remainders)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         model.metadata_props["ptqc.rounding"] = self.rounding
         logger.info("wrote %d activation quantizers (%d half-up rounding offsets)", len(values), offsets)
         return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
-    def _activation(graph: ir.Graph, v: ir.Value, acc_exp: np.ndarray | None = None) -> int:
+    def _activation(graph: ir.Graph, v: ir.Value, acc_exp: np.ndarray | None = None,
+                    written: dict[str, tuple[ir.Value, ir.Value, ir.Value]] | None = None) -> int:
+        """Write ``v``'s quantizer; ``written[v.name]`` becomes (``v``, the float value its QuantizeLinear reads
+        before any border or rounding op, its dequantized value)."""
         act: ActQuant = v.meta[ACT]
         zp, lo, hi = container(act)
         name = v.name
@@ -195,6 +315,8 @@ class EmitQdqPass(ir.passes.InPlacePass):
             use.node.replace_input_with(use.idx, dq.outputs[0])
         if fused is not None:
             graph.remove(fused, safe=True)
+        if written is not None:
+            written[name] = (v, src, dq.outputs[0])
         return int(src_q is not src and act.border is None)
 
     @staticmethod

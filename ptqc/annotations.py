@@ -9,6 +9,8 @@
   when GPTQ is on.
 * ``node.meta[WEIGHT]``: :class:`WeightQuant` on Conv/Gemm/MatMul, filled by pot_scales.
 * ``node.meta[BN]``: :class:`BnStats` on a Conv/Gemm that absorbed a BatchNormalization.
+* ``node.meta[ARCQ]``: :class:`Compensation` on a Conv that carries ARCQ's remainder terms, set by
+  compensate_remainders and written by emit_qdq.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MEAN = "ptqc.mean"
 MOMENT = "ptqc.moment"
 WEIGHT = "ptqc.weight"
 BN = "ptqc.bn"
+ARCQ = "ptqc.arcq"
 
 #: Ops that consume a weight initializer and accumulate in int32.
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -144,3 +147,26 @@ def group_sizes(graph) -> dict[int, int]:
             if ACT in v.meta:
                 sizes[v.meta[ACT].group] = sizes.get(v.meta[ACT].group, 0) + 1
     return sizes
+
+
+@dataclasses.dataclass
+class Compensation:
+    """ARCQ's remainder terms of one Conv: ``Conv(x_q, R) + Conv(dx, W_hat)`` added to its accumulator.
+
+    ``q`` holds the weight remainder ``W - W_hat`` as ``bits``-bit codes at per-channel scales ``2**exps`` (None:
+    no weight term); ``act_bits`` > 0 adds the input's remainder, its float value minus its quantized value as
+    ``act_bits``-bit codes at scale ``2**(e_in - act_bits)``."""
+
+    q: np.ndarray | None
+    exps: np.ndarray | None
+    bits: int
+    act_bits: int
+    #: ARCQ's critical-layer score, and the layer's relative output error it was computed from
+    score: float = 0.0
+    error: float = 0.0
+
+    def weight(self, axis: int, ndim: int) -> np.ndarray:
+        """The weight remainder's values ``q * 2**exps`` (``q`` must be set), shaped like the weights."""
+        shape = [1] * ndim
+        shape[axis] = -1
+        return self.q * np.exp2(np.asarray(self.exps, np.float64).reshape(shape))

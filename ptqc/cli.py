@@ -192,6 +192,10 @@ def main(quiet: bool, verbose: bool) -> None:
               help="AQuant: a rounding border per channel and level for activations below 8 bits, learned on each "
                    "block's output after its rounding (fitted to the float model's values with --no-block-recon); "
                    "written as explicit ops (ptqc inspect counts them; export-int refuses them).")
+@click.option("--arcq", type=float, default=None, metavar="SHARE",
+              help="ARCQ remainder compensation: the weight and input rounding remainders of this share (0-1) of the "
+                   "low-bit convs with ARCQ's highest critical-layer score, as two more convolutions each (3x those "
+                   "layers' MACs; ptqc inspect counts them, export-int refuses them) [default: off].")
 @click.option("--rounding", type=click.Choice(["half-even", "half-up"]), default="half-even", show_default=True,
               help="How requantizing shifts round: half-even (QuantizeLinear's rule) or half-up (add 2^(m-1), "
                    "shift), which costs one Add per requantizing op.")
@@ -200,8 +204,8 @@ def main(quiet: bool, verbose: bool) -> None:
 def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_float, max_drop, float_fallback, target_size, eval_size,
             labels, report_path, report_samples, config_file, act_bits, residual_bits, all_low_bit, calib_size, batch_size,
             act_calib, no_pair_safe, no_bias_correction, no_absorb, gptq, gptq_target, equalize_channels, equalize_residual, learn_clip, adaround,
-            adaround_iters, block_recon, block_iters, block_freeze, weight_offsets, refit_head, act_search, act_borders, rounding, preset, size, mean,
-            std):
+            adaround_iters, block_recon, block_iters, block_freeze, weight_offsets, refit_head, act_search, act_borders, arcq, rounding, preset,
+            size, mean, std):
     """Quantize MODEL (FP32 ONNX) to a power-of-two QDQ model."""
     import ptqc
     from ptqc.config import load_toml, parse_layer_bits, parse_shorthand
@@ -221,7 +225,7 @@ def compile(model, calib, output, pot, shorthand, weight_bits, layer_bits, keep_
              "learn_clip": learn_clip,
              "adaround": adaround,
              "adaround_iters": adaround_iters, "block_recon": block_recon, "block_iters": block_iters,
-             "block_freeze": block_freeze, "weight_offsets": weight_offsets, "refit_head": refit_head, "act_search": act_search, "act_borders": act_borders, "rounding": rounding,
+             "block_freeze": block_freeze, "weight_offsets": weight_offsets, "refit_head": refit_head, "act_search": act_search, "act_borders": act_borders, "arcq": arcq, "rounding": rounding,
              "pair_safe_first": not no_pair_safe}
     source = {"first_last_8bit": "all_low_bit", "act_method": "act_calib", "bias_correction": "no_bias_correction",
               "absorb_clip": "no_absorb", "pair_safe_first": "no_pair_safe"}
@@ -301,6 +305,9 @@ def inspect_cmd(model, as_json, allow_non_shift):
         click.echo(format_table(report))
         for extra, count in report.extra_ops.items():
             click.echo(f"extra ops: {count} x {extra}")
+        if report.extra_macs:
+            share = f" (+{100.0 * report.extra_macs / report.macs:.1f}% of the model's {report.macs:,})" if report.macs else ""
+            click.echo(f"extra MACs per sample: {report.extra_macs:,}{share}")
         for msg in report.problems:
             click.echo(f"PROBLEM: {msg}")
         for msg in report.non_shift:

@@ -142,6 +142,12 @@ class QuantConfig:
     #: agreement, MobileNetV2 34.2 / 42.8% -> 35.4 / 47.5%, MobileNetV1 20.6 / 20.6% -> 31.0 / 26.1%, in 10-20 s;
     #: at 8-bit activations it moved top-1 by -1.6 to +0.4 (docs/design.md)
     refit_head: bool | None = None
+    #: ARCQ's remainder compensation (``compensate_remainders``): the weight and input rounding remainders of this
+    #: share (0-1) of the Convs below 8 bits, those with ARCQ's highest critical-layer score (measured on
+    #: ``arcq_samples`` calibration samples), carried by two more convolutions each: 3x the MACs of those layers,
+    #: which ``ptqc inspect`` reports.  0 = off (the default; it is extra arithmetic, not a w/a setting)
+    arcq: float = 0.0
+    arcq_samples: int = 32
     #: give each output channel of an inner layer of at most 6 bits a grid offset z in {0, 1/2, 1, -1/2} steps
     #: (values ``2^e (k + z)``: a per-channel weight zero point, half-integer ones stored at half the step, so
     #: every scale stays 2^e), chosen with the exponent by the rounding loss.  The integer MAC then needs the
@@ -197,6 +203,10 @@ class QuantConfig:
                             f"and {self.block_samples}")
         if self.block_freeze is not None and not 0.0 <= self.block_freeze <= 1.0:
             raise PtqcError(f"--block-freeze must be between 0 and 1, got {self.block_freeze}")
+        if not 0.0 <= self.arcq <= 1.0:
+            raise PtqcError(f"--arcq takes the share of low-bit convs to compensate, between 0 and 1, got {self.arcq}")
+        if self.arcq_samples < 1:
+            raise PtqcError(f"arcq_samples must be at least 1, got {self.arcq_samples}")
         if self.calib_size < 1:
             raise PtqcError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.act_borders and self.act_search and self.use_block_recon:

@@ -165,6 +165,10 @@ class _Lowering:
         if border is not None:
             raise LoweringError(f"{border.name}: AQuant rounding borders (--act-borders) are not in the integer program "
                                 f"yet; compile without --act-borders to export or verify")
+        arcq = next((n for n in g.node if any(p.key == "ptqc.role" and p.value == "arcq" for p in n.metadata_props)), None)
+        if arcq is not None:
+            raise LoweringError(f"{arcq.name}: ARCQ remainder compensation (--arcq) is not in the integer program yet; "
+                                f"compile without --arcq to export or verify")
 
     # ---------------------------------------------------------------- helpers
     def const(self, name: str) -> np.ndarray | None:

@@ -25,6 +25,7 @@ from ptqc.passes.adaround_layers import AdaRoundLayersPass
 from ptqc.passes.bias_correction import BiasCorrectionPass
 from ptqc.passes.calibrate import CalibratePass
 from ptqc.passes.calibrate_from_bn import CalibrateFromBnPass
+from ptqc.passes.compensate_remainders import CompensateRemaindersPass
 from ptqc.passes.emit_qdq import EmitQdqPass
 from ptqc.passes.equalize_channels import EqualizeChannelsPass
 from ptqc.passes.equalize_residual_stream import EqualizeResidualStreamPass
@@ -119,6 +120,8 @@ def build_passes(config: QuantConfig, data: Dataset | None, preprocess: Preproce
         LegalizeScalesPass(),
         *([LearnActBordersPass(data, config.batch_size, config.border_samples)]
           if config.act_borders and not config.use_block_recon and data is not None else []),
+        *([CompensateRemaindersPass(data, config.arcq, samples=config.arcq_samples)] if config.arcq and data is not None
+          else []),
         *([RefitHeadPass(data, config.batch_size)] if config.use_refit_head and data is not None else []),
         EmitQdqPass(config.rounding),
     ]
@@ -128,9 +131,9 @@ def data_free_config(config: QuantConfig) -> QuantConfig:
     """The settings a data-free compile runs with: GPTQ needs input second moments, which BatchNorm statistics
     do not give, so weights are rounded to nearest (then bias-corrected with the propagated means)."""
     if (config.gptq_target != "float" or config.act_search or config.adaround or config.block_recon or config.learn_clip
-            or config.act_borders or config.refit_head):
+            or config.act_borders or config.refit_head or config.arcq):
         raise PtqcError("--gptq-target asym/qdrop, --act-search, --adaround, --block-recon, --learn-clip, "
-                        "--act-borders and --refit-head need calibration data; pass --calib")
+                        "--act-borders, --refit-head and --arcq need calibration data; pass --calib")
     if config.gptq:
         logger.warning("data-free: GPTQ needs calibration data; weights are rounded to nearest")
     return dataclasses.replace(config, gptq=False, adaround=False, block_recon=False, learn_clip=False, refit_head=False)

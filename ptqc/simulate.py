@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from ptqc import runtime
-from ptqc.annotations import ACT, WEIGHT
+from ptqc.annotations import ACT, ARCQ, WEIGHT
 from ptqc.borders import border_ops, border_table
 from ptqc.passes.emit_qdq import container
 from ptqc.quant import int_range
@@ -48,7 +48,8 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
     :func:`weight_feed`), so one session can run any mix of float and quantized layers.
 
     A tensor with a rounding border (``meta[ACT].border``) is rounded by it, with the writer's ops
-    (``ptqc.borders``).  ``border_inputs`` names tensors whose border thresholds are graph inputs instead,
+    (``ptqc.borders``).  A quantized layer with ARCQ's remainder terms (``meta[ARCQ]``) gets them as the writer
+    writes them (needs ``quantize_acts``).  ``border_inputs`` names tensors whose border thresholds are graph inputs instead,
     ``<tensor>__border_table`` (fed with :func:`border_feed`; a border of 0.5 everywhere rounds to nearest).
     """
     proto = ir.serde.serialize_model(model)
@@ -165,6 +166,8 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             ordered.extend(insert_after.get(i, []))
         del graph.node[:]
         graph.node.extend(ordered)
+    if quantize_acts:
+        _compensations(model, graph, quantize_weights)
     if weight_inputs:
         movable = set()
         for node in model.graph:
@@ -186,6 +189,53 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
             graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     proto.ir_version = min(max(proto.ir_version, 8), 10)
     return Simulation(proto, scale_names, input_name)
+
+
+def _compensations(model: ir.Model, graph: onnx.GraphProto, quantize_weights: bool | set[str]) -> None:
+    """ARCQ's remainder convolutions of every quantized layer that has them, summed into its output (whose name
+    stays), as ``emit_qdq`` writes them: the input remainder is the float value after the fused activation minus
+    the quantized one, on its ``2^(e - a)`` grid, saturated."""
+    index = {n.name: i for i, n in enumerate(graph.node)}
+    for node in model.graph:
+        comp = node.meta.get(ARCQ)
+        if comp is None or not (quantize_weights is True or (quantize_weights and node.name in quantize_weights)):
+            continue
+        i = index[node.name]
+        conv = graph.node[i]
+        x_name, x_sim, w_name = node.inputs[0].name, conv.input[0], conv.input[1]
+        out = conv.output[0]
+        conv.output[0] = f"{out}__arcq_main"
+        attrs = list(conv.attribute)
+        terms, new = [conv.output[0]], []
+        if comp.q is not None:
+            r = f"{node.name}__arcq_remainder_w"
+            graph.initializer.append(numpy_helper.from_array(
+                comp.weight(node.meta[WEIGHT].axis, comp.q.ndim).astype(np.float32), r))
+            new.append(helper.make_node(conv.op_type, [x_sim, r], [f"{out}__arcq_w"]))
+            new[-1].attribute.extend(attrs)
+            terms.append(new[-1].output[0])
+        if comp.act_bits:
+            act = node.inputs[0].meta[ACT]
+            lo, hi = int_range(comp.act_bits, True)
+            step = 2.0 ** (act.exp - comp.act_bits)
+            p = f"{node.name}__arcq_dx"
+            graph.initializer.extend([numpy_helper.from_array(np.array(step, np.float32), f"{p}_scale"),
+                                      numpy_helper.from_array(np.array(128, np.uint8), f"{p}_zp"),
+                                      numpy_helper.from_array(np.array(lo * step, np.float32), f"{p}_lo"),
+                                      numpy_helper.from_array(np.array(hi * step, np.float32), f"{p}_hi")])
+            new += [helper.make_node("Sub", [x_name, x_sim], [f"{p}_float"]),
+                    helper.make_node("QuantizeLinear", [f"{p}_float", f"{p}_scale", f"{p}_zp"], [f"{p}_q"]),
+                    helper.make_node("DequantizeLinear", [f"{p}_q", f"{p}_scale", f"{p}_zp"], [f"{p}_dq"]),
+                    helper.make_node("Clip", [f"{p}_dq", f"{p}_lo", f"{p}_hi"], [p]),
+                    helper.make_node(conv.op_type, [p, w_name], [f"{out}__arcq_x"])]
+            new[-1].attribute.extend(attrs)
+            terms.append(new[-1].output[0])
+        for k, t in enumerate(terms[1:]):
+            target = out if k == len(terms) - 2 else f"{out}__arcq_sum{k}"
+            new.append(helper.make_node("Add", [terms[0] if k == 0 else f"{out}__arcq_sum{k - 1}", t], [target]))
+        for k, n in enumerate(new):
+            graph.node.insert(i + 1 + k, n)
+        index = {n.name: j for j, n in enumerate(graph.node)}
 
 
 def border_feed(model: ir.Model, names: list[str], borders: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

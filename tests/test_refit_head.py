@@ -63,5 +63,5 @@ def test_head_refit_is_on_below_8_bit_activations_and_needs_data():
     assert not ptqc.QuantConfig(weight_bits=4, act_bits=4, refit_head=False).use_refit_head
     assert not ptqc.QuantConfig(weight_bits=4, act_bits=4).for_trials().use_refit_head
     assert ptqc.QuantConfig(weight_bits=4, act_bits=4).as_metadata()["ptqc.config.refit_head"] == "auto: True"
-    with pytest.raises(PtqcError, match="--refit-head need calibration data"):
+    with pytest.raises(PtqcError, match="--refit-head and --arcq need calibration data"):
         ptqc.compile(resnet_like(), None, ptqc.QuantConfig(weight_bits=8, act_bits=8, refit_head=True))
