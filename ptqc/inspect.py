@@ -9,7 +9,12 @@ This works on the written ONNX file alone (no ptqc metadata is trusted for the v
 * GlobalAveragePool/AveragePool divide by the window area: a shift only when that area is a power of two;
 * a float op between a DequantizeLinear and a QuantizeLinear is a float island: not a shift;
 * ops a ptqc file tags as an AQuant rounding border are accepted as declared extra ops only if they are the
-  border's exact op chain (``ptqc.borders``), scale by the QuantizeLinear's own 2^e and end in it.
+  border's exact op chain (``ptqc.borders``), scale by the QuantizeLinear's own 2^e and end in it;
+* ops tagged as ARCQ's remainder compensation (``ptqc.role = arcq``) are accepted as declared extra ops only if
+  each remainder Conv reads integer codes behind power-of-two DequantizeLinears and sums, through tagged Adds
+  only, into a layer's output quantizer, and each input remainder is a tensor's float value (through its fused
+  Clip) minus that tensor's own dequantized codes, quantized on a grid finer by a power of two.  Their MACs are
+  counted (``Report.extra_macs``, against ``Report.macs`` of the model's own layers, per sample).
 
 Float ops after the last quantized layer that only lead to graph outputs (the logits) are allowed.
 """
@@ -56,6 +61,10 @@ class Report:
     non_shift: list[str]
     float_ops: list[str]
     extra_ops: dict[str, int]
+    #: multiply-accumulates per sample of the model's layers, and of ARCQ's remainder convolutions (None when a
+    #: shape is unknown)
+    macs: int | None = None
+    extra_macs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -68,6 +77,8 @@ class Report:
             "non_shift_steps": self.non_shift,
             "float_ops": self.float_ops,
             "extra_ops": self.extra_ops,
+            "macs": self.macs,
+            "extra_macs": self.extra_macs,
             "layers": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -102,6 +113,9 @@ class _Graph:
         self._arrays: dict[str, np.ndarray] = {}
         # AQuant rounding borders: ops between a tensor and its QuantizeLinear, tagged by the writer
         self.border_tensor = {n.name: t for n in g.node if (t := border_tensor(n)) is not None}
+        # ARCQ's remainder compensation: ops tagged by the writer, each naming the layer it belongs to
+        self.arcq = {n.name: m.get("ptqc.layer", "") for n in g.node
+                     if (m := {p.key: p.value for p in n.metadata_props}).get("ptqc.role") == "arcq"}
         self.border_q = {}
         for n in g.node:
             p = self.producer.get(n.input[0]) if n.op_type == "QuantizeLinear" and n.input else None
@@ -129,13 +143,23 @@ class _Graph:
         users = self.consumers.get(n.output[0], [])
         return len(users) == 1 and users[0].op_type == "QuantizeLinear"
 
+    def arcq_sum(self, name: str) -> str:
+        """The end of the chain of ARCQ Adds that ``name`` (an accumulator) flows into, or ``name`` itself."""
+        users = self.consumers.get(name, [])
+        while len(users) == 1 and users[0].op_type == "Add" and users[0].name in self.arcq:
+            name = users[0].output[0]
+            users = self.consumers.get(name, [])
+        return name
+
     def q_after(self, name: str) -> onnx.NodeProto | None:
+        name = self.arcq_sum(name)
         users = self.consumers.get(name, [])
         for c in users:
             if c.name in self.border_tensor:
                 return self.border_q.get(self.border_tensor[c.name])
-        if len(users) == 1 and self.is_rounding_add(users[0]):
-            name = users[0].output[0]
+        rounding = [u for u in users if self.is_rounding_add(u)]
+        if len(rounding) == 1 and all(u is rounding[0] or u.name in self.arcq for u in users):
+            name = rounding[0].output[0]  # a tensor's input remainder may read it beside its half-up offset
         for c in self.consumers.get(name, []):
             if c.op_type == "QuantizeLinear":
                 return c
@@ -264,6 +288,8 @@ def inspect_model(model: onnx.ModelProto) -> Report:
 
     for n in g.nodes:
         if n.op_type in _QDQ:
+            if n.name in g.arcq and n.input[0] not in g.inits:
+                extra[f"{n.op_type} (ARCQ remainder compensation)"] += 1
             continue
         if n.op_type == "Clip" and g.producer.get(n.input[0]) is not None and g.producer[n.input[0]].op_type == "QuantizeLinear":
             extra["Clip (integer saturation)"] += 1
@@ -273,6 +299,9 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             continue
         if n.name in g.border_tensor:
             extra[f"{n.op_type} (AQuant rounding border)"] += 1
+            continue
+        if n.name in g.arcq:
+            extra[f"{n.op_type} (ARCQ remainder compensation)"] += 1
             continue
         float_in = [i for i in n.input if i and g.array(i) is None and _is_float(model, g, i)]
         if not float_in or n.op_type in ("Shape", "Size"):
@@ -317,7 +346,105 @@ def inspect_model(model: onnx.ModelProto) -> Report:
             row.note = "FLOAT op"
         rows.append(row)
     problems += _border_problems(g)
-    return Report(rows, problems, non_shift, float_ops, dict(extra))
+    problems += _arcq_problems(g, scale_exp)
+    macs, extra_macs = _macs(g)
+    for row in rows:
+        if row.name in g.arcq.values():
+            row.note = (row.note + "; " if row.note else "") + "ARCQ remainder convs"
+    return Report(rows, problems, non_shift, float_ops, dict(extra), macs, extra_macs)
+
+
+def _layer_macs(g: _Graph, n: onnx.NodeProto) -> int | None:
+    """Multiply-accumulates per sample of a Conv/Gemm/MatMul (None when its weight or output shape is unknown)."""
+    w_name = n.input[1] if len(n.input) > 1 else ""
+    dq = g.dq_of(w_name)
+    w = g.array(dq.input[0] if dq is not None else w_name)
+    if w is None:
+        return None
+    if n.op_type == "Conv":
+        vi = g.value_info.get(n.output[0])
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim] if vi is not None else []
+        if len(dims) < 3 or not all(dims[1:]):
+            return None
+        return int(np.prod(dims[1:])) * int(np.prod(w.shape[1:]))
+    return int(np.prod(w.shape))
+
+
+def _macs(g: _Graph) -> tuple[int | None, int]:
+    """(MACs of the model's own layers, MACs of ARCQ's remainder convolutions), per sample."""
+    total, extra = 0, 0
+    for n in g.nodes:
+        if n.op_type not in _LAYERS or not n.input or g.dq_of(n.input[0]) is None and n.name not in g.arcq:
+            continue
+        m = _layer_macs(g, n)
+        if n.name in g.arcq:
+            extra += m or 0
+        elif m is None:
+            total = None
+        elif total is not None:
+            total += m
+    return total, extra
+
+
+def _q_source(g: _Graph, dq: onnx.NodeProto) -> str | None:
+    """The float tensor whose QuantizeLinear (through a saturating Clip) a DequantizeLinear reads the codes of, before
+    any half-up offset or rounding border: the value an input remainder is taken from."""
+    p = g.producer.get(dq.input[0])
+    if p is not None and p.op_type == "Clip":
+        p = g.producer.get(p.input[0])
+    if p is None or p.op_type != "QuantizeLinear":
+        return None
+    src = g.producer.get(p.input[0])
+    if src is not None and g.is_rounding_add(src):
+        return next((i for i in src.input if g.array(i) is None), None)
+    if src is not None and src.name in g.border_tensor:
+        first = next(n for n in g.nodes if g.border_tensor.get(n.name) == g.border_tensor[src.name])
+        return first.input[0]
+    return p.input[0]
+
+
+def _arcq_problems(g: _Graph, scale_exp: dict[str, np.ndarray]) -> list[str]:
+    """Why the ops tagged as ARCQ's remainder compensation do not keep the layer integer (empty when they do)."""
+    problems = []
+    for n in g.nodes:
+        if n.name not in g.arcq:
+            continue
+        what = f"{n.name} (ARCQ {n.op_type})"
+        if n.op_type == "Conv":
+            x_dq, w_dq = g.dq_of(n.input[0]), g.dq_of(n.input[1]) if len(n.input) > 1 else None
+            if x_dq is None or x_dq.input[0] in g.inits or n.input[0] not in scale_exp:
+                problems.append(f"{what}: its input is not integer codes behind a power-of-two DequantizeLinear")
+            if w_dq is None or w_dq.input[0] not in g.inits or n.input[1] not in scale_exp:
+                problems.append(f"{what}: its weights are not integers behind a power-of-two DequantizeLinear")
+            elif w_dq.name in g.arcq:
+                bits = next((int(p.value) for p in w_dq.metadata_props if p.key == "ptqc.bits"), 8)
+                codes = g.array(w_dq.input[0])
+                axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+                if not np.issubdtype(codes.dtype, np.integer) or bad_weight_codes(codes, bits, None, axis).any():
+                    problems.append(f"{what}: remainder weight codes exceed the declared {bits}-bit range")
+            if len(n.input) > 2 and n.input[2]:
+                problems.append(f"{what}: a remainder convolution has no bias")
+            if g.q_after(n.output[0]) is None or g.arcq_sum(n.output[0]) == n.output[0]:
+                problems.append(f"{what}: does not sum into a layer's output quantizer through ARCQ Adds")
+        elif n.op_type == "Add":
+            for i in n.input:
+                p = g.producer.get(i)
+                if p is None or p.op_type not in ("Conv", "Add") or (p.op_type == "Add" and p.name not in g.arcq):
+                    problems.append(f"{what}: sums something other than convolution accumulators")
+        elif n.op_type == "Sub":
+            dq = g.dq_of(n.input[1])
+            src = g.producer.get(n.input[0])
+            value = src.input[0] if src is not None and src.name in g.arcq and src.op_type == "Clip" else n.input[0]
+            users = g.consumers.get(n.output[0], [])
+            q = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
+            if dq is None or _q_source(g, dq) != value:
+                problems.append(f"{what}: is not a tensor's value minus its own dequantized codes")
+            elif q is None or q.output[0] not in scale_exp or n.input[1] not in scale_exp \
+                    or int(scale_exp[q.output[0]].reshape(-1)[0]) >= int(scale_exp[n.input[1]].reshape(-1)[0]):
+                problems.append(f"{what}: the remainder is not quantized on a finer power-of-two grid")
+        elif n.op_type not in _QDQ and n.op_type != "Clip":
+            problems.append(f"{what}: not an op of the remainder compensation")
+    return problems
 
 
 def _is_float(model, g: _Graph, name: str) -> bool:

@@ -197,12 +197,21 @@ def read_layers(q: onnx.ModelProto, tensors: dict[str, TensorStats]) -> list[Lay
     return layers
 
 
+def _users(consumers, name: str) -> list[onnx.NodeProto]:
+    """The readers of ``name`` on the layer's own path: without the ops that take ARCQ's input remainder from it."""
+    return [u for u in consumers.get(name, [])
+            if not (_meta(u).get("ptqc.role") == "arcq" and u.op_type in ("Clip", "Sub"))]
+
+
 def _output_quantizer(layer: onnx.NodeProto, consumers) -> tuple[str, onnx.NodeProto | None]:
     """(tensor name, DequantizeLinear) of the quantizer a layer writes, or (its float output, None)."""
     out = layer.output[0]
     seen = out
     while True:
-        users = consumers.get(seen, [])
+        users = _users(consumers, seen)
+        if len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq":
+            seen = users[0].output[0]  # ARCQ's remainder accumulators are summed before the quantizer
+            continue
         if len(users) == 1 and (tensor := border_tensor(users[0])) is not None:
             seen = border_value(tensor)  # the rounding border's ops end in front of the QuantizeLinear
             continue
@@ -286,6 +295,7 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
         prev = m.output[0]
         nodes.append(m)
     # the layer: weights and bias from the prefixed QDQ graph
+    x_q = prev
     m = onnx.NodeProto()
     m.CopyFrom(node)
     m.name = tag + node.name
@@ -293,14 +303,15 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
     m.output[:] = [tag + "acc"]
     nodes.append(m)
     prev = m.output[0]
-    # output quantizer chain (rounding Add, Q, Clip, DQ)
     out = node.output[0]
-    reference = node.output[0]
+    prev, out = _alone_arcq(node, q, producer, consumers, tag, src, x_q, prev, nodes)
+    # output quantizer chain (rounding Add, Q, Clip, DQ)
+    reference = node.output[0]  # the float model's name of the layer's output
     if layer.output_bits is not None:
         reference = layer.output_tensor
         i = 0
         while True:
-            user = consumers[out][0]
+            user = _users(consumers, out)[0]
             tensor = border_tensor(user)
             if tensor is not None:
                 # copy the border's ops (a small DAG) with this branch's names
@@ -328,6 +339,58 @@ def _alone_branch(layer: LayerStats, q: onnx.ModelProto, tensors: dict[str, Tens
             if user.op_type == "DequantizeLinear":
                 break
     return nodes, inits, prev, reference
+
+
+def _alone_arcq(node: onnx.NodeProto, q: onnx.ModelProto, producer, consumers, tag: str, src: str, x_q: str,
+                acc: str, nodes: list) -> tuple[str, str]:
+    """ARCQ's remainder terms of ``node`` in its layer-alone branch: the remainder convs read the branch's quantized
+    input ``x_q``, the input remainder is taken from the float input ``src``, and the Adds sum them into ``acc``.
+    Returns (the branch's sum, the QDQ graph's tensor it stands for); (acc, node's output) without ARCQ."""
+    out, prev = node.output[0], acc
+    users = consumers.get(out, [])
+    if not (len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq"):
+        return prev, out
+    rename = {node.input[0]: x_q, out: acc}
+
+    def copy(n: onnx.NodeProto) -> None:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = tag + n.name
+        m.input[:] = [rename.get(x, Q_PREFIX + x if x else "") for x in n.input]
+        m.output[:] = [tag + x for x in n.output]
+        rename[n.output[0]] = m.output[0]
+        nodes.append(m)
+
+    add = users[0]
+    while True:
+        for term in add.input:
+            if term in rename:
+                continue
+            conv = producer[term]
+            if conv.input[0] != node.input[0]:
+                # the input remainder: [Clip ->] Sub(value, DQ) -> Q -> Clip -> DQ, from the float input
+                chain, x = [], conv.input[0]
+                while producer[x].op_type != "Sub":
+                    chain.insert(0, producer[x])
+                    x = producer[x].input[0]
+                sub = producer[x]
+                chain.insert(0, sub)
+                first = producer.get(sub.input[0])
+                if first is not None and first.op_type == "Clip" and _meta(first).get("ptqc.role") == "arcq":
+                    chain.insert(0, first)
+                    rename[first.input[0]] = src
+                else:
+                    rename[sub.input[0]] = src
+                rename[sub.input[1]] = x_q
+                for n in chain:
+                    copy(n)
+            copy(conv)
+        copy(add)
+        prev, out = rename[add.output[0]], add.output[0]
+        users = consumers.get(out, [])
+        if not (len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq"):
+            return prev, out
+        add = users[0]
 
 
 def build_analysis_model(fp: onnx.ModelProto, q: onnx.ModelProto, tensors: dict[str, TensorStats],
