@@ -40,6 +40,10 @@ VARIANTS = {
     "adaround": dict(_LATER_OFF, adaround=True),  # clip + AdaRound below 8-bit weights
     "default": {},  # + block reconstruction below 8-bit weights
     "equalize": dict(equalize_channels=True),  # + per-channel thresholds (option)
+    # the default + ARCQ's remainder compensation on that share of the low-bit convs (opt-in; extra MACs recorded)
+    "arcq25": dict(arcq=0.25),
+    "arcq50": dict(arcq=0.5),
+    "arcq100": dict(arcq=1.0),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -223,7 +227,8 @@ def main() -> None:
                 acc = evaluate_arrays(out, x, y, threads=args.threads)
                 report = inspect_model(read_model(out))
                 rec.update(**acc.as_dict(), drop_top1=round(fp_rec["top1"] - acc.top1, 2), inspect_ok=report.ok,
-                           size_mb=round(os.path.getsize(out) / 2**20, 2))
+                           size_mb=round(os.path.getsize(out) / 2**20, 2), macs=report.macs,
+                           extra_macs=report.extra_macs)
                 q, f = fused_convs(out)
                 rec.update(int8_convs=q, float_convs=f)
                 if not args.no_latency:

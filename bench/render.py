@@ -74,6 +74,7 @@ def main() -> None:
            ""]
     models = list(OrderedDict.fromkeys(r["model"] for r in rows))
     out += summary(rows, models)
+    out += arcq_table(rows, models)
     for model in models:
         mrows = [r for r in rows if r["model"] == model]
         out += [f"## {model}", "",
@@ -244,6 +245,38 @@ def summary(rows: list[dict], models: list[str]) -> list[str]:
     out += ["", "On 500 images one image is 0.2 points, and w8a8 results move by about ±1 point between equally good",
             "configurations; docs/design.md has a label-free fidelity check on 744 held-back calibration-split images.", ""]
     return out
+
+
+def arcq_table(rows: list[dict], models: list[str]) -> list[str]:
+    """ARCQ's remainder compensation (``--arcq SHARE``): top-1 drop against the extra MACs, per model and width, next
+    to the default compile on the same images."""
+    arcq = [r for r in rows if str(r.get("variant", "")).startswith("arcq") and "top1" in r]
+    if not arcq:
+        return []
+    shares = sorted({int(r["variant"][4:]) for r in arcq})
+    out = ["## ARCQ remainder compensation (opt-in)", "",
+           "`--arcq SHARE`: the weight and input rounding remainders of that share of the low-bit convs, those with",
+           "ARCQ's highest critical-layer score, as two more convolutions each (docs/design.md). Each cell: val500 drop",
+           "from FP32 / extra multiply-accumulates in % of the model's. `bench_compile.py --bits ... --variants default "
+           + " ".join(f"arcq{s}" for s in shares) + " --no-ort --no-latency`.", "",
+           "| model | bits | calib | default | " + " | ".join(f"share {s / 100:g}" for s in shares) + " | commit |",
+           "|---|---|---|---|" + "---|" * len(shares) + "---|"]
+    for model in models:
+        keys = sorted({(r["bits"], r["calib_images"]) for r in arcq if r["model"] == model})
+        for bits, calib in keys:
+            def cell(variant):
+                r = next((x for x in rows if x["model"] == model and x.get("bits") == bits and "top1" in x
+                          and x.get("calib_images") == calib and x.get("variant") == variant), None)
+                if r is None:
+                    return "–", None
+                macs = f" / +{100.0 * r['extra_macs'] / r['macs']:.0f}%" if r.get("macs") else ""
+                return f"{fmt(r['drop_top1'], 1)}{macs}", r.get("commit")
+            base, _ = cell("default")
+            cells = [cell(f"arcq{s}") for s in shares]
+            commits = sorted({c for _, c in cells if c})
+            out.append(f"| {model} | {bits} | {calib} | {base} | " + " | ".join(c for c, _ in cells)
+                       + f" | {', '.join(commits) or '–'} |")
+    return out + [""]
 
 
 def ablation(rows: list[dict]) -> list[str]:
