@@ -74,12 +74,15 @@ def accumulator_exps(v: ir.Value) -> np.ndarray | None:
     if node is None:
         return None
     if WEIGHT in node.meta:
-        exps = node.inputs[0].meta[ACT].exp + np.asarray(node.meta[WEIGHT].exps, np.int64)
+        e_in = node.inputs[0].meta[ACT].exp
+        main = e_in + np.asarray(node.meta[WEIGHT].exps, np.int64)
         comp = node.meta.get(ARCQ)
+        exps = main
+        # ARCQ's remainder terms sum into the same accumulator, at their own (finer) scales
         if comp is not None and comp.q is not None:
-            exps = np.minimum(exps, node.inputs[0].meta[ACT].exp + np.asarray(comp.exps, np.int64))
+            exps = np.minimum(exps, e_in + np.asarray(comp.exps, np.int64))
         if comp is not None and comp.act_bits:
-            exps = exps - comp.act_bits
+            exps = np.minimum(exps, main - comp.act_bits)
         return exps
     exps = [i.meta[ACT].exp for i in node.inputs if i is not None and ACT in i.meta]
     return np.array([min(exps)], np.int64) if exps else None

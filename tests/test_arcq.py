@@ -239,3 +239,39 @@ def test_report_measures_compensated_layers_with_their_remainders(toy):
     assert len(compensated) >= 6
     gains = [layer.sqnr_alone_db - before[layer.name].sqnr_alone_db for layer in compensated]
     assert min(gains) > 0.3 and np.mean(gains) > 3.0, gains
+
+
+def test_half_up_rounding_offsets_are_half_the_finest_term():
+    """With --rounding half-up, a compensated layer's offset before its quantizer is half an LSB of its finest
+    accumulator term (weight remainder at 2^(e_in + e_r), input remainder at 2^(e_in - a + e_w)), so ties round up
+    as the shift does; and the file still passes inspect."""
+    model, calib = linear_stream(), inputs(32, seed=1)
+    q = ptqc.compile(model, calib, QuantConfig(4, 4, calib_size=32, arcq=1.0, rounding="half-up", **PLAIN)).model
+    assert inspect_model(q).ok
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    consumers = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    exp = lambda dq: np.log2(inits[dq.input[1]].astype(np.float64)).round().astype(int)  # noqa: E731
+    checked = 0
+    for add in [n for n in q.graph.node if n.op_type == "Add" and _role(n) == "arcq"]:
+        users = consumers[add.output[0]]
+        offset = next((u for u in users if _role(u) == "rounding"), None)
+        if offset is None:
+            continue  # an inner sum of the chain
+        layer = {p.key: p.value for p in add.metadata_props}["ptqc.layer"]
+        main = next(n for n in q.graph.node if n.name == layer)
+        e_in, e_w = exp(producer[main.input[0]]), exp(producer[main.input[1]])
+        terms = [e_in + e_w]
+        for conv in (n for n in q.graph.node if n.op_type == "Conv" and _role(n) == "arcq"
+                     and {p.key: p.value for p in n.metadata_props}["ptqc.layer"] == layer):
+            terms.append(exp(producer[conv.input[0]]) + exp(producer[conv.input[1]]))
+        finest = np.min(np.broadcast_arrays(*terms), axis=0)
+        out_q = consumers[offset.output[0]][0]
+        shift = finest - exp(out_q)
+        half = next(inits[i] for i in offset.input if i in inits).reshape(-1)
+        np.testing.assert_array_equal(half, np.where(shift < 0, np.exp2(finest - 1.0), 0.0).astype(np.float32))
+        checked += 1
+    assert checked >= 6
