@@ -129,6 +129,7 @@ def apply_channel_thresholds(graph: ir.Graph, v: ir.Value, t: np.ndarray, method
             # OIHW order (channel, then kernel taps)
             sv = np.repeat(s, int(np.prod(w.shape[2:])))
             reader.meta[MOMENT].h = h * ((s**2)[:, None, None] if depthwise else np.outer(sv, sv)[None])
+            reader.meta[MOMENT].total = reader.meta[MOMENT].total * (s[:, None] if depthwise else sv[None])
     saturate_at_top(graph, v, top, e, s)
     return True
 

@@ -47,7 +47,9 @@ class SecondMoment:
 
     def _accumulate(self, p: np.ndarray) -> None:
         h = np.matmul(p, p.transpose(0, 2, 1)).astype(np.float64)
+        total = p.sum(axis=2, dtype=np.float64)
         self.h = h if self.h is None else self.h + h
+        self.total = total if self.n == 0 else self.total + total
         self.n += p.shape[2]
 
     def patches(self, x: np.ndarray) -> np.ndarray:
@@ -87,6 +89,12 @@ class SecondMoment:
     @property
     def value(self) -> np.ndarray:
         return self.h / max(self.n, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """``E[(x - m)(x - m)^T]``: the loss of weight errors whose mean effect a bias takes back."""
+        m = self.total / max(self.n, 1)
+        return self.value - m[:, :, None] * m[:, None, :]
 
 
 def for_layer(node, cls: type = None) -> SecondMoment | None:

@@ -95,6 +95,13 @@ def test_second_moment_equals_the_direct_patch_covariance():
     c = 2
     patches = np.array([xp[n, c, i:i + 3, j:j + 3].reshape(-1) for n in range(2) for i in range(6) for j in range(6)])
     np.testing.assert_allclose(sm.value[c], patches.T @ patches / len(patches), rtol=1e-5, atol=1e-6)
+    # over two batches, the centred second moment is the patches' covariance (padding zeros included)
+    y = rng.normal(1, 2, (3, 4, 6, 6)).astype(np.float32)
+    sm.add(y)
+    yp = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    patches = np.concatenate([patches, [yp[n, c, i:i + 3, j:j + 3].reshape(-1)
+                                        for n in range(3) for i in range(6) for j in range(6)]])
+    np.testing.assert_allclose(sm.covariance[c], np.cov(patches.T, bias=True), rtol=1e-4, atol=1e-5)
 
 
 def test_bias_correction_zeroes_the_mean_output_error():
