@@ -41,10 +41,10 @@ For each compensated layer the pass guarantees:
   and before the head refit, which then fits the features the compensated model computes (``ptqc.simulate``
   adds the remainder terms as the writer does).
 
-The compensation is kept only if it lowers the network's error: the mean squared difference between the simulated
-quantized model's outputs and the float model's on ``check_samples`` calibration images after the ``samples``
-ones (the same images if there are no others).  Otherwise every layer is restored exactly and a warning says so
-(``guard=False`` skips the check).  Remainders against the float weights undo what block reconstruction learned
+The compensation is kept only if the network's error, the mean squared difference between the simulated quantized
+model's outputs and the float model's on ``check_samples`` calibration images after the ``samples`` ones (the same
+images if there are no others), stays below ``1 + tolerance`` times what it was without (:data:`TOLERANCE`).
+Otherwise every layer is restored exactly and a warning says so (``guard=False`` skips the check).  Remainders against the float weights undo what block reconstruction learned
 for the quantized network, and at 2-bit weights that measured as a loss (docs/design.md).
 
 The writer (``emit_qdq``) emits the remainder tensors and convolutions, tagged ``ptqc.role = arcq``.
@@ -76,6 +76,12 @@ from ptqc.passes.pot_scales import channel_view, weight_matrix
 from ptqc.quant import int_range, quantize, weight_exponents
 
 logger = logging.getLogger(__name__)
+
+#: the keep-or-leave check leaves the compensation out when it raises the logit error on the check images by more
+#: than this share.  Not 0: earlier passes fitted those images, which flatters the model without compensation
+#: (EfficientNet-Lite0 w4a4 share 0.5: +12% there, while on 488 images no pass saw the logit SNR rose 6.80 ->
+#: 7.37 dB); the compensations that lost on unseen images raised it by far more (docs/design.md)
+TOLERANCE = 0.25
 
 
 def _input_remainder_bits(node: ir.Node) -> int:
@@ -132,7 +138,7 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
     """ARCQ: add the weight and input rounding remainders of the most critical low-bit Convs as two more convs."""
 
     def __init__(self, data: Dataset, share: float, batch_size: int = 8, samples: int = 32,
-                 rounding: str = "gptq", guard: bool = True, check_samples: int = 64):
+                 rounding: str = "gptq", guard: bool = True, check_samples: int = 64, tolerance: float = TOLERANCE):
         super().__init__()
         if rounding not in ("gptq", "nearest"):
             raise ValueError(f"remainder rounding must be 'gptq' or 'nearest', not {rounding!r}")
@@ -143,6 +149,7 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
         self.rounding = rounding
         self.guard = guard
         self.check_samples = check_samples
+        self.tolerance = tolerance
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -166,14 +173,15 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
         if self.guard:
             after = self._logit_error(model, check)
             model.graph.meta["ptqc.arcq_check"] = (before, after, min(self.check_samples, len(check)))
-            if not after < before:
+            if not after < before * (1.0 + self.tolerance):
                 for node in nodes:
                     if node.name in saved:
                         node.meta[WEIGHT] = saved[node.name]
                         del node.meta[ARCQ]
                 logger.warning("ARCQ remainder compensation left out: it raised the squared logit error against the "
-                               "float model on %d calibration images it was not measured on (%.4g -> %.4g)",
-                               min(self.check_samples, len(check)), before, after)
+                               "float model by more than %d%% on %d calibration images it was not measured on "
+                               "(%.4g -> %.4g)", round(100 * self.tolerance), min(self.check_samples, len(check)),
+                               before, after)
                 return ir.passes.PassResult(model, modified=False)
         logger.info("ARCQ remainder compensation on %d of %d low-bit convs%s: %s", len(chosen), len(nodes),
                     "" if before is None else f" (logit error on held-out calibration images {before:.4g} -> {after:.4g})",
