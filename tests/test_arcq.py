@@ -39,6 +39,17 @@ def _run_plain(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
+def _index(model: onnx.ModelProto):
+    """(initializer arrays by name, producing node by output name, consuming nodes by input name)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producer, consumers
+
+
 def _role(node: onnx.NodeProto) -> str | None:
     return {p.key: p.value for p in node.metadata_props}.get("ptqc.role")
 
@@ -70,12 +81,7 @@ def test_the_written_terms_are_the_remainders(toy):
     """Each input remainder is the tensor's float value minus its dequantized codes, rounded on the finer grid and
     saturated to its bit width; each ARCQ sum adds accumulators; the remainder weights are b-bit codes."""
     _, _, held, _, full = toy
-    inits = {i.name: numpy_helper.to_array(i) for i in full.graph.initializer}
-    producer = {o: n for n in full.graph.node for o in n.output}
-    consumers = {}
-    for n in full.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producer, consumers = _index(full)
     arcq = [n for n in full.graph.node if _role(n) == "arcq"]
     subs = [n for n in arcq if n.op_type == "Sub"]
     sums = [n for n in arcq if n.op_type == "Add"]
@@ -248,12 +254,7 @@ def test_half_up_rounding_offsets_are_half_the_finest_term():
     model, calib = linear_stream(), inputs(32, seed=1)
     q = ptqc.compile(model, calib, QuantConfig(4, 4, calib_size=32, arcq=1.0, rounding="half-up", **PLAIN)).model
     assert inspect_model(q).ok
-    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    producer = {o: n for n in q.graph.node for o in n.output}
-    consumers = {}
-    for n in q.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    inits, producer, consumers = _index(q)
     exp = lambda dq: np.log2(inits[dq.input[1]].astype(np.float64)).round().astype(int)  # noqa: E731
     checked = 0
     for add in [n for n in q.graph.node if n.op_type == "Add" and _role(n) == "arcq"]:
