@@ -44,8 +44,9 @@ For each compensated layer the pass guarantees:
 The compensation is kept only if the network's error, the mean squared difference between the simulated quantized
 model's outputs and the float model's on ``check_samples`` calibration images after the ``samples`` ones (the same
 images if there are no others), stays below ``1 + tolerance`` times what it was without (:data:`TOLERANCE`).
-Otherwise every layer is restored exactly and a warning says so (``guard=False`` skips the check).  Remainders against the float weights undo what block reconstruction learned
-for the quantized network, and at 2-bit weights that measured as a loss (docs/design.md).
+Otherwise every layer is restored exactly and a warning says so (``guard=False`` skips the check).  Remainders
+against the float weights undo what block reconstruction learned for the quantized network, and at 2-bit weights
+that measured as a loss (docs/design.md).
 
 The writer (``emit_qdq``) emits the remainder tensors and convolutions, tagged ``ptqc.role = arcq``.
 """

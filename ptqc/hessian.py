@@ -32,6 +32,8 @@ class SecondMoment:
         self.d = d
         self.max_positions = MAX_POSITIONS if d is None else min(MAX_POSITIONS, POSITIONS_PER_DIM * d)
         self.h: np.ndarray | None = None
+        #: the sum of the patches (groups, d), for :attr:`covariance`
+        self.total: np.ndarray | None = None
         self.n = 0
 
     def add(self, x: np.ndarray) -> None:
@@ -49,7 +51,7 @@ class SecondMoment:
         h = np.matmul(p, p.transpose(0, 2, 1)).astype(np.float64)
         total = p.sum(axis=2, dtype=np.float64)
         self.h = h if self.h is None else self.h + h
-        self.total = total if self.n == 0 else self.total + total
+        self.total = total if self.total is None else self.total + total
         self.n += p.shape[2]
 
     def patches(self, x: np.ndarray) -> np.ndarray:
