@@ -164,7 +164,7 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
         scores = arcq_scores(errors, positions, params)
         chosen = set(select_layers(scores, self.share))
         model.graph.meta["ptqc.arcq_scores"] = scores
-        check = self._check_data()
+        check = self._check_batches(model) if self.guard else None
         before = self._logit_error(model, check) if self.guard else None
         saved = {n.name: copy.deepcopy(n.meta[WEIGHT]) for n in nodes if n.name in chosen}
         for node in nodes:
@@ -173,7 +173,8 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
                                  moments.get(node.name))
         if self.guard:
             after = self._logit_error(model, check)
-            model.graph.meta["ptqc.arcq_check"] = (before, after, min(self.check_samples, len(check)))
+            images = sum(len(batch) for batch, _ in check)
+            model.graph.meta["ptqc.arcq_check"] = (before, after, images)
             if not after < before * (1.0 + self.tolerance):
                 for node in nodes:
                     if node.name in saved:
@@ -181,33 +182,35 @@ class CompensateRemaindersPass(ir.passes.InPlacePass):
                         del node.meta[ARCQ]
                 logger.warning("ARCQ remainder compensation left out: it raised the squared logit error against the "
                                "float model by more than %d%% on %d calibration images it was not measured on "
-                               "(%.4g -> %.4g)", round(100 * self.tolerance), min(self.check_samples, len(check)),
-                               before, after)
+                               "(%.4g -> %.4g)", round(100 * self.tolerance), images, before, after)
                 return ir.passes.PassResult(model, modified=False)
         logger.info("ARCQ remainder compensation on %d of %d low-bit convs%s: %s", len(chosen), len(nodes),
                     "" if before is None else f" (logit error on held-out calibration images {before:.4g} -> {after:.4g})",
                     ", ".join(n.name for n in nodes if n.name in chosen))
         return ir.passes.PassResult(model, modified=True)
 
-    def _check_data(self) -> Dataset:
-        """The images the keep-or-leave check runs on: those after the ones the layer statistics came from, or
-        those same images when the calibration set has no others."""
+    def _check_batches(self, model: ir.Model) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """The keep-or-leave check's images, with the float model's outputs on them, per batch: the first
+        ``check_samples`` after the ones the layer statistics came from, or those same images when the calibration
+        set has no others (decoded and run in float once, for both sides of the check)."""
         rest = self.data.after(self.samples)
-        return rest if len(rest) else self.data
+        data = rest if len(rest) else self.data
+        names = [o.name for o in model.graph.outputs]
+        input_name = next(v.name for v in model.graph.inputs if v.name not in model.graph.initializers)
+        session = float_session(model, names)
+        return [(batch, run_batch(session, input_name, batch, names))
+                for batch in progress.batches(data.head(self.check_samples, self.batch_size), "ARCQ check images",
+                                              total=min(self.check_samples, len(data)))]
 
-    def _logit_error(self, model: ir.Model, data: Dataset) -> float:
-        """Mean squared difference of the simulated quantized model's outputs from the float model's, over the
-        first ``check_samples`` of ``data``."""
+    def _logit_error(self, model: ir.Model, check: list[tuple[np.ndarray, list[np.ndarray]]]) -> float:
+        """Mean squared difference of the simulated quantized model's outputs from the float model's on the check
+        images (:meth:`_check_batches`)."""
         sim = simulate.build(model)
         names = [o.name for o in model.graph.outputs]
-        q_session = runtime.make_session(sim.proto, what="the simulated model", arena=False)
-        f_session = float_session(model, names)
+        session = runtime.make_session(sim.proto, what="the simulated model", arena=False)
         total, count = 0.0, 0
-        for batch in progress.batches(data.head(self.check_samples, self.batch_size), "ARCQ check",
-                                      total=min(self.check_samples, len(data))):
-            q = runtime.run(q_session, {sim.input_name: batch}, names)
-            f = run_batch(f_session, sim.input_name, batch, names)
-            for a, b in zip(q, f):
+        for batch, reference in check:
+            for a, b in zip(runtime.run(session, {sim.input_name: batch}, names), reference):
                 total += float(np.sum((a.astype(np.float64) - b) ** 2))
                 count += a.size
         return total / max(count, 1)

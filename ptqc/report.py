@@ -203,14 +203,21 @@ def _users(consumers, name: str) -> list[onnx.NodeProto]:
             if not (_meta(u).get("ptqc.role") == "arcq" and u.op_type in ("Clip", "Sub"))]
 
 
+def _arcq_sum(users: list[onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The Add that sums a layer's accumulator with ARCQ's remainder terms, when it is ``users``' only node."""
+    if len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq":
+        return users[0]
+    return None
+
+
 def _output_quantizer(layer: onnx.NodeProto, consumers) -> tuple[str, onnx.NodeProto | None]:
     """(tensor name, DequantizeLinear) of the quantizer a layer writes, or (its float output, None)."""
     out = layer.output[0]
     seen = out
     while True:
         users = _users(consumers, seen)
-        if len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq":
-            seen = users[0].output[0]  # ARCQ's remainder accumulators are summed before the quantizer
+        if (add := _arcq_sum(users)) is not None:
+            seen = add.output[0]  # ARCQ's remainder accumulators are summed before the quantizer
             continue
         if len(users) == 1 and (tensor := border_tensor(users[0])) is not None:
             seen = border_value(tensor)  # the rounding border's ops end in front of the QuantizeLinear
@@ -347,8 +354,8 @@ def _alone_arcq(node: onnx.NodeProto, q: onnx.ModelProto, producer, consumers, t
     input ``x_q``, the input remainder is taken from the float input ``src``, and the Adds sum them into ``acc``.
     Returns (the branch's sum, the QDQ graph's tensor it stands for); (acc, node's output) without ARCQ."""
     out, prev = node.output[0], acc
-    users = consumers.get(out, [])
-    if not (len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq"):
+    add = _arcq_sum(consumers.get(out, []))
+    if add is None:
         return prev, out
     rename = {node.input[0]: x_q, out: acc}
 
@@ -361,7 +368,6 @@ def _alone_arcq(node: onnx.NodeProto, q: onnx.ModelProto, producer, consumers, t
         rename[n.output[0]] = m.output[0]
         nodes.append(m)
 
-    add = users[0]
     while True:
         for term in add.input:
             if term in rename:
@@ -387,10 +393,9 @@ def _alone_arcq(node: onnx.NodeProto, q: onnx.ModelProto, producer, consumers, t
             copy(conv)
         copy(add)
         prev, out = rename[add.output[0]], add.output[0]
-        users = consumers.get(out, [])
-        if not (len(users) == 1 and users[0].op_type == "Add" and _meta(users[0]).get("ptqc.role") == "arcq"):
+        add = _arcq_sum(consumers.get(out, []))
+        if add is None:
             return prev, out
-        add = users[0]
 
 
 def build_analysis_model(fp: onnx.ModelProto, q: onnx.ModelProto, tensors: dict[str, TensorStats],

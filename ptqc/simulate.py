@@ -160,12 +160,7 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
                 insert_after.setdefault(producers[name], []).extend(nodes)
             else:
                 front.extend(nodes)
-        ordered = list(front)
-        for i, n in enumerate(graph.node):
-            ordered.append(n)
-            ordered.extend(insert_after.get(i, []))
-        del graph.node[:]
-        graph.node.extend(ordered)
+        _reorder(graph, insert_after, front)
     if quantize_acts:
         _compensations(model, graph, quantize_weights)
     if weight_inputs:
@@ -191,11 +186,22 @@ def build(model: ir.Model, quantize_weights: bool | set[str] = True, scale_input
     return Simulation(proto, scale_names, input_name)
 
 
+def _reorder(graph: onnx.GraphProto, insert_after: dict[int, list[onnx.NodeProto]], front=()) -> None:
+    """Put ``front`` first and each ``insert_after[i]`` right after the graph's node ``i``."""
+    ordered = list(front)
+    for i, n in enumerate(graph.node):
+        ordered.append(n)
+        ordered.extend(insert_after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def _compensations(model: ir.Model, graph: onnx.GraphProto, quantize_weights: bool | set[str]) -> None:
     """ARCQ's remainder convolutions of every quantized layer that has them, summed into its output (whose name
     stays), as ``emit_qdq`` writes them: the input remainder is the float value after the fused activation minus
     the quantized one, on its ``2^(e - a)`` grid, saturated."""
     index = {n.name: i for i, n in enumerate(graph.node)}
+    insert_after: dict[int, list[onnx.NodeProto]] = {}
     for node in model.graph:
         comp = node.meta.get(ARCQ)
         if comp is None or not (quantize_weights is True or (quantize_weights and node.name in quantize_weights)):
@@ -233,9 +239,8 @@ def _compensations(model: ir.Model, graph: onnx.GraphProto, quantize_weights: bo
         for k, t in enumerate(terms[1:]):
             target = out if k == len(terms) - 2 else f"{out}__arcq_sum{k}"
             new.append(helper.make_node("Add", [terms[0] if k == 0 else f"{out}__arcq_sum{k - 1}", t], [target]))
-        for k, n in enumerate(new):
-            graph.node.insert(i + 1 + k, n)
-        index = {n.name: j for j, n in enumerate(graph.node)}
+        insert_after[i] = new
+    _reorder(graph, insert_after)
 
 
 def border_feed(model: ir.Model, names: list[str], borders: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
